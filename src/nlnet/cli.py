@@ -1,0 +1,53 @@
+"""The ``nlnet`` command.
+
+Each sub-command lives in the module that owns its capability and exposes two functions,
+``add_arguments(parser)`` and ``run(args) -> int``; this file only lists them, so ``nlnet --help``
+stays fast (modules are imported when their command runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module implementing add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("nlnet.benchmark", "benchmark the non-local operation: auto vs explicit backend"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nlnet import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nlnet",
+        description="Non-local Neural Networks (Wang et al., CVPR 2018): models, training, tools.",
+    )
+    parser.add_argument("--version", action="version", version=f"nlnet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # Arguments are added lazily below, only for the command being run.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help", "--version") or argv[0] not in COMMANDS:
+        args = parser.parse_args(argv)  # prints help / version / the unknown-command error
+        parser.print_help()
+        return 0 if not argv else 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"nlnet {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
