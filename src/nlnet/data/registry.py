@@ -1,0 +1,55 @@
+"""The dataset factory: ``build_dataset(name, **kwargs)`` over registered dataset builders.
+
+Item contract shared by every video dataset (the engine relies on it): ``dataset[i]`` returns a
+dict with
+
+* ``clip``: float tensor (C, T, H, W), normalised;
+* ``target``: int64 scalar (single-label) or float (num_classes,) multi-hot (multi-label);
+* ``index``: int, the *video* index (several test views share it), in ``range(len(dataset.videos))``;
+* ``view``: int, the view number within that video (0 in training);
+* ``valid``: bool, False when the video could not be decoded in a test/val pass (the clip is then
+  zeros and the evaluator must not score it as a real view).
+
+``dataset[(i, seed)]`` does the same with every random draw taken from ``torch.Generator`` seeded
+with ``seed``: the engine uses this to make a run reproducible and resumable whatever the number
+of workers.  Datasets also expose ``num_classes``, ``multi_label``, ``classes`` (names) and
+``videos`` (ids, one per video).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.utils.data import Dataset
+
+_DATASETS: dict[str, Callable[..., Dataset]] = {}
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Decorator registering a dataset class or builder under ``name``."""
+
+    def wrap(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        _DATASETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    import nlnet.data  # noqa: F401  (registers the builders)
+
+    return sorted(_DATASETS)
+
+
+def build_dataset(name: str, **kwargs: Any) -> Dataset:
+    """Build the dataset registered as ``name`` with its keyword arguments."""
+    import nlnet.data  # noqa: F401
+
+    if name not in _DATASETS:
+        raise ValueError(
+            f"unknown dataset {name!r}; expected one of {', '.join(sorted(_DATASETS))}"
+        )
+    return _DATASETS[name](**kwargs)

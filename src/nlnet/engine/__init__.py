@@ -1,0 +1,1 @@
+"""§4.1, §5: training loop, evaluation, checkpoints, distributed, precise BN."""

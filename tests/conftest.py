@@ -1,0 +1,23 @@
+"""Shared test configuration.
+
+Subprocesses started by tests (``python -m nlnet ...``, ``torchrun``) import nlnet from this
+checkout's ``src`` even when another copy is installed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p
+)
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
