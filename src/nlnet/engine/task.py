@@ -42,3 +42,25 @@ class Task(Protocol):
         """Score the model over ``batches`` (this rank's share under DDP; the task gathers across
         ranks) and return metrics; rank 0 writes per-sample predictions under ``out_dir``."""
         ...
+
+
+_TASKS: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
+    """Register a task builder ``fn(config) -> Task`` under ``name`` (the config's ``task`` key)."""
+
+    def wrap(fn: Callable[..., Task]) -> Callable[..., Task]:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        _TASKS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_task(name: str, config: Any) -> Task:
+    """Build the task registered as ``name`` ("classification", "detection") from a config."""
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(sorted(_TASKS))}")
+    return _TASKS[name](config)
