@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nlnet.block import NonLocalBlock
@@ -111,6 +112,32 @@ def _part_of(name: str, parts: Sequence[str]) -> str | None:
     return top if top in parts else None
 
 
+class _CostProbe(nn.Module):
+    """Stands in for a NonLocalBlock while counting: runs its 1×1 convs (counted by
+    FlopCounterMode) on the right shapes, records the input shape, and returns x.
+
+    The attention core is then counted analytically, independently of the backend (the exact
+    fast paths and SDPA are not what the paper's costs describe, and some do not run on meta).
+    """
+
+    def __init__(self, block: NonLocalBlock, shapes: dict[str, tuple[int, ...]], name: str) -> None:
+        super().__init__()
+        self.block, self.shapes, self.name = block, shapes, name
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.block
+        self.shapes[self.name] = tuple(x.shape)
+        kv = b._pool(x) if b.pool_before_conv else x
+        if b.pairwise != "gaussian":
+            b.theta(x)
+            b.phi(kv)
+        y = b.g(kv)
+        if not b.pool_before_conv:
+            y = b._pool(y)
+        b.out(torch.empty(x.shape[0], b.inner_channels, *x.shape[2:], device=x.device))
+        return x
+
+
 def count_cost(model: VideoResNet, input_shape: Sequence[int]) -> CostReport:
     """Parameters and forward FLOPs of ``model`` per stage for a clip of ``input_shape``.
 
@@ -123,19 +150,12 @@ def count_cost(model: VideoResNet, input_shape: Sequence[int]) -> CostReport:
     parts = ["stem", *meta.stage_names, "head"]
     blocks = nonlocal_blocks(meta)
     shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [
-        b.register_forward_pre_hook(
-            lambda _m, args, n=n: shapes.__setitem__(n, tuple(args[0].shape))
-        )
-        for n, b in blocks.items()
-    ]
+    for name, block in blocks.items():
+        parent, _, child = name.rpartition(".")
+        setattr(meta.get_submodule(parent), child, _CostProbe(block, shapes, name))
     counter = FlopCounterMode(display=False)
-    try:
-        with counter, torch.no_grad():
-            meta(torch.empty(*input_shape, device="meta"))
-    finally:
-        for h in hooks:
-            h.remove()
+    with counter, torch.no_grad():
+        meta(torch.empty(*input_shape, device="meta"))
     counts = {
         k.split(".", 1)[1] if "." in k else "": sum(v.values())
         for k, v in counter.get_flop_counts().items()
@@ -153,10 +173,9 @@ def count_cost(model: VideoResNet, input_shape: Sequence[int]) -> CostReport:
         rows[part].flops = counts.get(part, 0)
     for name, block in blocks.items():
         part = name.split(".", 1)[0]
-        convs = sum(counts.get(f"{name}.{c}", 0) for c in ("theta", "phi", "g", "out"))
-        counted_core = counts.get(name, 0) - convs
+        convs = counts.get(name, 0)  # the probe ran only the block's convolutions
         core = attention_flops(block, shapes[name])
-        rows[part].flops += core - counted_core
+        rows[part].flops += core
         rows[part].nl_flops += convs + core
     return CostReport(tuple(input_shape), [rows[p] for p in parts])
 

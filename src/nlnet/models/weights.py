@@ -178,7 +178,7 @@ def inflate_weight(weight: Tensor, shape: torch.Size | tuple[int, ...]) -> Tenso
     if weight.dim() == 4:
         weight = weight.unsqueeze(2)
     t = shape[2]
-    return weight.expand(-1, -1, t, -1, -1) / t
+    return weight if t == 1 else weight.expand(-1, -1, t, -1, -1) / t
 
 
 def _can_inflate(src: Tensor, dst: Tensor) -> bool:
@@ -243,7 +243,8 @@ def load_weights(
         n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
     }
     for prefix in bn_prefixes:
-        if f"{prefix}.weight" in state and f"{prefix}.running_mean" not in state:
+        stats = (f"{prefix}.running_mean", f"{prefix}.running_var")
+        if f"{prefix}.weight" in state and not any(k in state for k in stats):
             mod = model.get_submodule(prefix)
             new[f"{prefix}.running_mean"] = torch.zeros_like(target[f"{prefix}.running_mean"])
             new[f"{prefix}.running_var"] = torch.full_like(
