@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nlnet.models.weights import read_state_dict, to_tensor
+from nlnet.models.weights import UnsafeCheckpointError, read_state_dict, to_tensor
 
 FORMATS: tuple[str, ...] = ("caffe2", "slowfast", "mmaction2")
 _BN = {"s": "weight", "b": "bias", "rm": "running_mean", "riv": "running_var"}
@@ -382,13 +382,13 @@ def convert_checkpoint(
     dst: str | os.PathLike[str] | None,
     arch: str,
     **options: Any,
-) -> tuple[Conversion, Any]:
+) -> tuple[Conversion, Any, Any]:
     """Convert ``src`` and check it against ``create_model(arch, **settings)``; write ``dst``.
 
     The checkpoint must fill the model exactly: any missing, unexpected or mismatched key raises
     ``ValueError`` naming them (nothing is silently dropped).  The file holds
     ``{"model": state_dict, "arch", "model_kwargs", "num_classes", "converted_from", "notes"}``.
-    Returns the conversion and the load report.
+    Returns the conversion, the load report and the loaded model.
     """
     from nlnet.models import create_model, load_weights
 
@@ -415,7 +415,7 @@ def convert_checkpoint(
             },
             dst,
         )
-    return conv, report
+    return conv, report, model
 
 
 # -- the ``nlnet convert`` command ------------------------------------------------------------
@@ -447,8 +447,8 @@ def run(args: argparse.Namespace) -> int:
         options["pairwise"] = args.pairwise
         options["scale"] = None if args.use_scale else 1.0
     try:
-        conv, report = convert_checkpoint(args.fmt, args.src, args.dst, args.arch, **options)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+        conv, report, _ = convert_checkpoint(args.fmt, args.src, args.dst, args.arch, **options)
+    except (ValueError, TypeError, FileNotFoundError, UnsafeCheckpointError) as err:
         print(f"nlnet convert: error: {err}")
         return 1
     print(f"wrote {args.dst}: {args.arch}, {conv.num_classes} classes, {report}")
