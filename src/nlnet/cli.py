@@ -15,6 +15,10 @@ from collections.abc import Sequence
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("nlnet.benchmark", "benchmark the non-local operation: auto vs explicit backend"),
+    "data-check": (
+        "nlnet.data.check",
+        "scan a Kinetics/Charades/folder download: missing, unreadable",
+    ),
 }
 
 
