@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -26,6 +27,8 @@ from nlnet.data.transforms import (
 )
 from nlnet.data.video import (
     VideoDecodeError,
+    _pts_from_demux,
+    _pts_from_index,
     decode_all_frames,
     decode_frames,
     probe_video,
@@ -196,12 +199,24 @@ def test_decode_frames_equals_decoding_everything(videos, name):
     assert [frame_index(f) for f in decode_frames(info, idx)] == idx
 
 
+@pytest.mark.parametrize("name", ["gop12", "default", "mpeg4"])
+def test_index_timestamps_equal_demuxed_ones(videos, name):
+    # constant-rate files are probed from the container index; it must agree with the packets
+    with av.open(str(videos[name])) as c:
+        stream = c.streams.video[0]
+        from_index = _pts_from_index(stream)
+        from_packets = _pts_from_demux(c, stream, str(videos[name]))
+    assert from_index is not None and from_index == from_packets
+
+
 def test_variable_frame_rate_by_timestamps(videos):
     # gaps of 40 ms and 100 ms: frame numbers follow presentation order, times come from pts
     times = [0.0]
     for i in range(39):
         times.append(times[-1] + (0.1 if i % 3 == 0 else 0.04))
     path = make_video(videos["dir"] / "vfr.mp4", 40, times=times)
+    with av.open(str(path)) as c:
+        assert _pts_from_index(c.streams.video[0]) is None  # uneven: read from the packets
     info = probe_video(path)
     assert info.num_frames == 40
     assert np.allclose(info.times, times, atol=1e-3)

@@ -9,8 +9,9 @@ Frame numbering
 ---------------
 *Native rate* (``target_fps=None``, the original code's behaviour): frame ``i`` is the ``i``-th
 frame in presentation order, i.e. the frame with the ``i``-th smallest presentation timestamp
-(pts) of the video stream.  The timestamps come from one demux pass over the packets (no
-decoding), so variable-frame-rate videos are numbered exactly as a decoder would output them.
+(pts) of the video stream.  The timestamps come from the container's index when it lists every
+frame at a constant rate (MP4), else from one demux pass over the packets (no decoding), so
+variable-frame-rate videos are numbered exactly as a decoder would output them.
 The frame's time in seconds is ``(pts[i] - pts[0]) * time_base``.
 
 *Fixed rate* (``target_fps=r``): frame ``j`` is the native frame on screen at time
@@ -26,6 +27,7 @@ folder in sorted name order, at time ``i / frame_rate``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,7 +110,7 @@ def _open(path: str):  # -> av.container.InputContainer
 
 
 def probe_video(path: str | os.PathLike[str], *, frame_rate: float = 24.0) -> VideoInfo:
-    """Count the frames of ``path`` by their timestamps (a demux pass, no decoding).
+    """Count the frames of ``path`` by their timestamps (container index or demux; no decoding).
 
     Works on video files and on frame folders (a directory of ``.jpg``/``.png`` files, read as a
     video at ``frame_rate``).
@@ -120,23 +122,15 @@ def probe_video(path: str | os.PathLike[str], *, frame_rate: float = 24.0) -> Vi
     container = _open(path)
     try:
         stream = container.streams.video[0]
-        pts: list[int] = []
-        try:
-            for packet in container.demux(stream):
-                if packet.pts is not None:
-                    pts.append(int(packet.pts))
-                elif packet.dts is not None and packet.size:
-                    pts.append(int(packet.dts))
-        except Exception as e:
-            raise VideoDecodeError(f"{path}: corrupt data ({type(e).__name__}: {e})") from e
+        pts = _pts_from_index(stream)
+        if pts is None:
+            pts = _pts_from_demux(container, stream, path)
         if not pts:
             raise VideoDecodeError(f"{path}: the video stream has no frames")
-        pts.sort()
         tb = stream.time_base or Fraction(1, 1)
         times = tuple(float((p - pts[0]) * tb) for p in pts)
         if len(times) > 1:
-            steps = np.diff(np.asarray(times))
-            last = float(np.median(steps)) if steps.size else 0.0
+            last = float(np.median(np.diff(np.asarray(times))))
         else:
             rate = stream.average_rate or stream.guessed_rate or 25
             last = 1.0 / float(rate)
@@ -147,6 +141,47 @@ def probe_video(path: str | os.PathLike[str], *, frame_rate: float = 24.0) -> Vi
         return VideoInfo(path, len(times), fps, duration, width, height, times, tuple(pts))
     finally:
         container.close()
+
+
+def _pts_from_index(stream) -> list[int] | None:
+    """Frame timestamps from the container's index (MP4/MOV: one entry per frame, no file read).
+
+    The index holds *decode* timestamps.  For a constant frame rate the presentation timestamps
+    are the same evenly spaced sequence shifted to start at the stream's start time, so the
+    index is used only then: one entry per frame, none to discard, evenly spaced.  Anything else
+    (variable frame rate, key-frame-only indexes as in MKV) returns None: demux instead.
+    """
+    try:
+        entries = stream.index_entries
+        n = len(entries)
+        if n < 2 or stream.start_time is None or (stream.frames and stream.frames != n):
+            return None
+        dts = [e.timestamp for e in entries]
+        if any(e.is_discard for e in entries):
+            return None
+    except Exception:
+        return None
+    step = dts[1] - dts[0]
+    if step <= 0 or any(b - a != step for a, b in itertools.pairwise(dts)):
+        return None
+    return [stream.start_time + d - dts[0] for d in dts]
+
+
+def _pts_from_demux(container, stream, path: str) -> list[int]:
+    """Presentation timestamps of every frame, by reading the packets (no decoding)."""
+    pts: list[int] = []
+    try:
+        for packet in container.demux(stream):
+            if packet.is_discard:  # decoded but never shown (edit-list pre-roll)
+                continue
+            if packet.pts is not None:
+                pts.append(int(packet.pts))
+            elif packet.dts is not None and packet.size:
+                pts.append(int(packet.dts))
+    except Exception as e:
+        raise VideoDecodeError(f"{path}: corrupt data ({type(e).__name__}: {e})") from e
+    pts.sort()
+    return pts
 
 
 def probe_frame_folder(path: str, frame_rate: float = 24.0) -> VideoInfo:
