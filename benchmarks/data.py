@@ -56,8 +56,8 @@ class DecodeOnly(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        frames, _, _ = self.ds.read_clip(self.ds.records[i].path, None, g)
+        # start frame from the worker's global RNG: a fresh random clip every time
+        frames, _, _ = self.ds.read_clip(self.ds.records[i].path, None, None)
         return torch.from_numpy(frames).sum(dtype=torch.int64)
 
 

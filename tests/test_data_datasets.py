@@ -23,6 +23,17 @@ from nlnet.data.sampling import evenly_spaced_clip_start, train_clip_start
 from nlnet.data.transforms import short_side_size
 from videos import band_profile, frame_index, make_frame_folder, make_video, truncate
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Clip-sized tensor ops are small: intra-op threads only add synchronisation (much of it on
+    # a loaded 2-core machine); DataLoader workers run single-threaded too.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 KINETICS_CSV = """label,youtube_id,time_start,time_end,split,is_cc
 "air drumming",--nQbRBEz2s,104,114,val,0
 abseiling,0wR5jVB-WPk,417,427,val,0
@@ -156,6 +167,18 @@ def test_test_views_and_val(kinetics_root):
     assert len(val) == 4
     assert torch.equal(val[1]["clip"], val[1]["clip"])  # fixed draws per index
     assert val[1]["clip"].shape == (3, 4, 224, 224)
+
+
+def test_target_fps_resamples_by_time(kinetics_root):
+    root, csv = kinetics_root
+    # the 25 fps videos read at 12.5 fps: frame j is native frame 2j
+    ds = build_dataset(
+        "kinetics", root=root, annotations=csv, mode="test", num_clips=2, clip_length=4,
+        sampling_rate=1, target_fps=12.5, test_crop="center", test_scale=64,
+    )  # fmt: skip
+    assert len(ds) == 4 * 2
+    assert _indices(ds[1]["clip"]) == [30, 32, 34, 36]  # clip 1 of 60 native = 30 resampled
+    assert _indices(ds[2]["clip"]) == [0, 2, 4, 6]
 
 
 @pytest.fixture

@@ -219,9 +219,8 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
 
     Returns a ``(len(indices), H, W, 3)`` uint8 RGB array in the order of ``indices``.  For each
     run of nearby needed frames it seeks to the key frame at or before the run's first frame and
-    stops decoding after its last one; frames before a run's first frame that no other frame
-    references are skipped by the codec (``skip_frame="NONREF"``), and only needed frames are
-    converted to RGB.  ``threads`` > 1 lets FFmpeg decode with several threads.
+    stops decoding after its last one; unneeded frames that no other frame references are
+    skipped by the codec (``skip_frame="NONREF"``), and only needed frames are converted to RGB.  ``threads`` > 1 lets FFmpeg decode with several threads.
     """
     if not len(indices):
         raise ValueError("decode_frames needs at least one frame index")
@@ -290,9 +289,10 @@ def _decode_run(container, stream, info: VideoInfo, run: list[int], seek_index: 
     first_seen: int | None = None
     try:
         for packet in container.demux(stream):
-            # Frames shown before the run that nothing references need not be decoded at all.
-            before = packet.pts is not None and packet.pts < first_pts
-            ctx.skip_frame = "NONREF" if before else "DEFAULT"
+            # A frame the clip does not use and no other frame references need not be decoded
+            # (before the run, and between the frames of a sampling rate > 1).
+            unused = packet.pts is not None and packet.pts not in need
+            ctx.skip_frame = "NONREF" if unused else "DEFAULT"
             done = False
             for frame in packet.decode():
                 p = frame.pts
