@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("nlnet.benchmark", "benchmark the non-local operation: auto vs explicit backend"),
     "convert": ("nlnet.models.convert", "convert Caffe2 / PySlowFast / mmaction2 weights to nlnet"),
     "flops": ("nlnet.flops", "parameters and FLOPs per stage of a model (Table 2e costs)"),
+    "data-check": (
+        "nlnet.data.check",
+        "scan a Kinetics/Charades/folder download: missing, unreadable",
+    ),
 }
 
 
