@@ -15,6 +15,12 @@ from collections.abc import Sequence
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("nlnet.benchmark", "benchmark the non-local operation: auto vs explicit backend"),
+    "train": ("nlnet.engine.trainer", "train a model from a YAML recipe (key=value overrides)"),
+    "eval": (
+        "nlnet.engine.evaluate",
+        "evaluate a checkpoint with the test protocol (clips x crops)",
+    ),
+    "plot": ("nlnet.viz.curves", "plot train/val error against iterations for runs (Figure 4)"),
 }
 
 

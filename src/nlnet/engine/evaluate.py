@@ -1,0 +1,126 @@
+"""``nlnet eval CONFIG --checkpoint CK [key=value ...]``: the test protocol of paper §4.2.
+
+Builds the task's "test" data set (``eval.num_clips`` clips × ``eval.test_crop`` views per video),
+scores every view once (sharded over ``torchrun`` processes without padding), aggregates per video
+and writes ``predictions.jsonl`` and ``metrics.json`` into the run directory
+(``<train.output_dir>/eval_<checkpoint name>`` unless ``--out`` is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from nlnet.config import Config, ConfigError, load_config
+from nlnet.engine import distributed as dist
+from nlnet.engine.checkpoint import is_engine_checkpoint, load_model_weights, unwrap
+from nlnet.engine.runtime import autocast_factory, setup
+from nlnet.engine.sampling import ShardSampler
+from nlnet.engine.task import Task, build_task
+
+
+def load_for_eval(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, list[str]]:
+    """Weights for testing: an engine checkpoint loads strictly; other formats (a converted
+    Caffe2 model, a plain state dict) go through :func:`load_model_weights` and report."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if is_engine_checkpoint(obj):
+            unwrap(model).load_state_dict(obj["model"])
+            return {"missing": [], "unexpected": [], "mismatched": []}
+    return load_model_weights(model, path)
+
+
+def evaluate(
+    cfg: Config,
+    checkpoint: str | Path,
+    out_dir: str | Path | None = None,
+    split: str = "test",
+    task: Task | None = None,
+) -> dict[str, Any]:
+    device, rank, world = setup(cfg)
+    # Weights come from the checkpoint: skip the training-time initialisation.
+    cfg.model.pretrained = None
+    cfg.model.init_from = None
+    task = task if task is not None else build_task(cfg.task, cfg)
+    model = task.build_model()
+    report = load_for_eval(model, checkpoint)
+    if dist.is_main() and (report.get("missing") or report.get("mismatched")):
+        print(
+            f"nlnet eval: WARNING: {len(report.get('missing', []))} model tensors missing from "
+            f"{checkpoint} and {len(report.get('mismatched', []))} of the wrong shape; they keep "
+            f"their initial values (first: {(report.get('missing') or report.get('mismatched'))[:5]})",
+            file=sys.stderr,
+        )
+    model.to(device).eval()
+    dataset = task.build_dataset(split)
+    loader = DataLoader(
+        dataset,
+        sampler=ShardSampler(len(dataset), rank, world),
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.eval.num_workers,
+        collate_fn=task.collate_fn(),
+        pin_memory=device.type == "cuda",
+    )
+    batches: Any = loader
+    if dist.is_main():
+        from tqdm import tqdm
+
+        batches = tqdm(
+            loader, desc=f"eval ({world} process(es))", file=sys.stderr, dynamic_ncols=True
+        )
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else Path(cfg.train.output_dir) / f"eval_{Path(checkpoint).stem}"
+    )
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    with autocast_factory(cfg, device)():
+        result = task.evaluate(model, batches, device, out)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="the YAML recipe the model was trained with")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. eval.test_crop=full",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="engine checkpoint (.pt) or converted weights"
+    )
+    parser.add_argument(
+        "--out", default=None, help="directory for predictions.jsonl and metrics.json"
+    )
+    parser.add_argument(
+        "--split", default="test", choices=["test", "val"], help="data set mode (default: test)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = evaluate(cfg, args.checkpoint, args.out, args.split)
+        main = dist.is_main()
+    except ConfigError as e:
+        print(f"nlnet eval: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"nlnet eval: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+    if main:
+        print(json.dumps(result, indent=2))
+    return 0
