@@ -244,11 +244,8 @@ def _hints(cls: type) -> dict[str, Any]:
 def _unknown(key: str, name: str, cls: type) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, names, n=1)
-    hint = (
-        f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]!r}?"
-        if close
-        else ""
-    )
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean {parent + close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint} (valid keys here: {', '.join(names)})")
 
 
