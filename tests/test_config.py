@@ -13,7 +13,9 @@ from nlnet.config import Config, ConfigError, load_config, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(
-    p for d in ("kinetics", "charades", "finetune") for p in (ROOT / "configs" / d).glob("*.yaml")
+    p
+    for d in ("kinetics", "charades", "finetune")
+    for p in (ROOT / "configs" / d).glob("*.yaml")
     if not p.name.startswith("_")
 )
 
@@ -21,7 +23,13 @@ RECIPES = sorted(
 def test_defaults_are_the_paper_recipe() -> None:
     cfg = load_config()
     s = cfg.solver
-    assert (s.base_lr, s.momentum, s.nesterov, s.weight_decay, s.weight_decay_bn) == (0.01, 0.9, True, 1e-4, 0.0)
+    assert (s.base_lr, s.momentum, s.nesterov, s.weight_decay, s.weight_decay_bn) == (
+        0.01,
+        0.9,
+        True,
+        1e-4,
+        0.0,
+    )
     assert (s.steps, s.max_iter, s.reference_batch_size) == ([150000, 300000], 400000, 64)
     assert cfg.model.dropout == 0.5 and cfg.task == "classification"
 
@@ -69,7 +77,9 @@ def test_bad_overrides_name_the_key(override: str, message: str) -> None:
 
 
 def test_base_files_merge_and_cycles(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text("solver: {base_lr: 0.5, max_iter: 10}\ndata: {clip_length: 8}\n")
+    (tmp_path / "a.yaml").write_text(
+        "solver: {base_lr: 0.5, max_iter: 10}\ndata: {clip_length: 8}\n"
+    )
     (tmp_path / "b.yaml").write_text("base: a.yaml\nsolver: {max_iter: 20}\n")
     cfg = load_config(tmp_path / "b.yaml", ["data.clip_length=4"])
     assert (cfg.solver.base_lr, cfg.solver.max_iter, cfg.data.clip_length) == (0.5, 20, 4)
@@ -80,7 +90,9 @@ def test_base_files_merge_and_cycles(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "e.yaml").write_text("model: {nmae: c2d_r50}\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'model.nmae'; did you mean 'model.name'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'model.nmae'; did you mean 'model.name'"
+    ):
         load_config(tmp_path / "e.yaml")
 
 
@@ -92,7 +104,12 @@ def test_recipes_cover_the_paper_rows() -> None:
         for row in ("baseline", "nl5"):
             assert f"i3d_{depth}_{row}_32x2" in names
             assert f"i3d_{depth}_{row}_128x1" in names
-    assert {"c2d_r50_baseline_8x8", "i3d_r50_nl5_8x8", "i3d_r101_nl5_charades", "folder_i3d_r50_nl5"} <= names
+    assert {
+        "c2d_r50_baseline_8x8",
+        "i3d_r50_nl5_8x8",
+        "i3d_r101_nl5_charades",
+        "folder_i3d_r50_nl5",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -106,8 +123,11 @@ def test_recipe_loads_and_builds(path: Path) -> None:
     if "charades" in path.stem:  # paper §5.2
         raw = read_yaml(path)
         assert raw["solver"] == {
-            "base_lr": 0.00125, "steps": [75000, 150000], "max_iter": 200000,
-            "batch_size": 1, "reference_batch_size": 8,
+            "base_lr": 0.00125,
+            "steps": [75000, 150000],
+            "max_iter": 200000,
+            "batch_size": 1,
+            "reference_batch_size": 8,
         }
         assert cfg.data.crop_size == 288 and cfg.data.test_scale == 320
     from nlnet.models import list_models
@@ -123,7 +143,9 @@ def test_recipe_loads_and_builds(path: Path) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     helper = Path(__file__).with_name("engine_helpers.py")
-    return subprocess.run([sys.executable, str(helper), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(helper), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_stops_before_the_run_on_bad_config(tmp_path: Path) -> None:

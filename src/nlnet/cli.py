@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"nlnet {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    # intermixed: `nlnet eval CONFIG --checkpoint CK key=value ...` (options between positionals)
+    args = sub.parse_intermixed_args(argv[1:])
     return int(module.run(args) or 0)
 
 

@@ -73,6 +73,8 @@ class Trainer:
         self.plan: BatchPlan = plan_batches(cfg.solver, self.world)
         self.task = task if task is not None else build_task(cfg.task, cfg)
         # The model is built first: a bad model name or keyword fails before any data work.
+        # Its random initialisation depends on train.seed only (identical on every process).
+        torch.manual_seed(derive_seed(cfg.train.seed, 6))
         self.model: nn.Module = self.task.build_model()
         self.out = Path(cfg.train.output_dir)
         self.autocast = autocast_factory(cfg, self.device)
@@ -122,7 +124,12 @@ class Trainer:
         ck = load_checkpoint(path, map_location=self.device)
         unwrap(self.model).load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.schedule.load_state_dict(ck["schedule"])
+        # The schedule follows the config given now (so a run can be extended by raising
+        # solver.max_iter); say so when it differs from the one the checkpoint was trained with.
+        if ck.get("schedule") and ck["schedule"] != self.schedule.state_dict():
+            _log(
+                f"note: the LR schedule differs from the checkpoint's ({ck['schedule']}); using {self.schedule.state_dict()}"
+            )
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.iteration = int(ck["iteration"])
@@ -326,7 +333,7 @@ class Trainer:
                         flags = dist.all_reduce_sum(flags)
                         if flags[0] > 0:
                             raise NonFiniteLossError(
-                                f"the training loss is {float(loss):g} at iteration {self.iteration} "
+                                f"the training loss is {float(loss.detach()):g} at iteration {self.iteration} "
                                 f"(LR {lr:g}); stopping. Last good checkpoint: "
                                 f"{last_good or 'none written yet'}. Lower solver.base_lr, add "
                                 "solver.warmup_iters, or check the data for broken clips."
