@@ -267,3 +267,36 @@ def test_evaluation_aggregates_views_like_the_protocol(
         np.testing.assert_allclose(
             preds[0]["top5_scores"], p[0].sort(descending=True).values[:5].numpy(), atol=1e-5
         )
+
+
+def test_full_frame_views_of_different_sizes_are_scored_one_by_one() -> None:
+    """eval.test_crop=full: clips keep each video's frame size, so a batch is a list."""
+    torch.manual_seed(0)
+    model = TinyVideoNet().eval()
+    items = [
+        {
+            "clip": torch.randn(3, 2, 6, 8),
+            "target": torch.tensor(0),
+            "index": 0,
+            "view": 0,
+            "valid": True,
+        },
+        {
+            "clip": torch.randn(3, 2, 8, 6),
+            "target": torch.tensor(1),
+            "index": 1,
+            "view": 0,
+            "valid": True,
+        },
+    ]
+    batch = collate_views(items)
+    assert isinstance(batch["clip"], list)
+    task = ClassificationTask(load_config())
+    task.multi_label = False
+    out = task.evaluate(model, [batch], torch.device("cpu"), None)
+    with torch.no_grad():
+        p = torch.cat([torch.softmax(model(it["clip"][None]), 1) for it in items])
+    assert out["video_top1"] == pytest.approx(
+        100 * (p.argmax(1) == torch.tensor([0, 1])).double().mean().item()
+    )
+    assert out["num_views"] == 2

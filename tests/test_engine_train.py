@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,3 +201,27 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
         ][-1]
 
     assert val(two)["num_views"] == val(one)["num_views"] == 12  # every video once across ranks
+
+
+def test_bf16_autocast_run_and_fp16_needs_cuda(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    raw = tiny_config(
+        out, solver={"max_iter": 4, "steps": [3]}, train={"amp": "bf16", "eval_period": 0}
+    )
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    assert main(["train", str(cfg)]) == 0
+    ck = load_checkpoint(latest_checkpoint(out))
+    assert (
+        ck["iteration"] == 4 and ck["model"]["fc.weight"].dtype == torch.float32
+    )  # fp32 master weights
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert train and all(r["split"] == "train" for r in train)  # eval_period=0: no validation
+    assert all(np.isfinite(r["loss"]) for r in train)
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert (
+            main(["train", str(cfg), "train.amp=fp16", f"train.output_dir={tmp_path / 'x'}"]) == 2
+        )
+        assert "train.amp" in capsys.readouterr().err

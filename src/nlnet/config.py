@@ -131,6 +131,7 @@ class TrainConfig:
     checkpoint_period: int = 10000
     #: Checkpoints kept on disk (0 = all).
     keep_checkpoints: int = 3
+    #: Iterations between validations (and one at the end); 0: no validation during training.
     eval_period: int = 20000
     log_period: int = 20
     #: Training batches (per process) for the "precise BN" re-estimation before each evaluation
@@ -374,7 +375,7 @@ def validate(cfg: Config) -> Config:
     if list(s.steps) != sorted(s.steps) or any(x <= 0 for x in s.steps):
         raise ConfigError(f"solver.steps: expected increasing positive iterations, got {s.steps}")
     positive("train.checkpoint_period", t.checkpoint_period)
-    positive("train.eval_period", t.eval_period)
+    positive("train.eval_period", t.eval_period, True)
     positive("train.log_period", t.log_period)
     positive("train.precise_bn_batches", t.precise_bn_batches, True)
     positive("train.keep_checkpoints", t.keep_checkpoints, True)

@@ -85,7 +85,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(derive_seed(cfg.train.seed, self.rank, 3))
         self.train_set = self.task.build_dataset("train")
-        self.val_set = self.task.build_dataset("val")
+        self.val_set = self.task.build_dataset("val") if cfg.train.eval_period > 0 else None
         model = self.model.to(self.device)
         if cfg.train.sync_bn and self.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -367,7 +367,9 @@ class Trainer:
                         )
                     sums, count = {}, 0
                 do_ckpt = it % cfg.train.checkpoint_period == 0 or it == max_iter
-                do_eval = it % cfg.train.eval_period == 0 or it == max_iter
+                do_eval = self.val_set is not None and (
+                    it % cfg.train.eval_period == 0 or it == max_iter
+                )
                 if do_ckpt or do_eval:
                     self.precise_bn()
                 if do_eval:
