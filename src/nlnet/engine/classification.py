@@ -62,7 +62,8 @@ class ClassificationTask:
     def num_classes(self) -> int:
         if self.cfg.model.num_classes is not None:
             return self.cfg.model.num_classes
-        ds = self.build_dataset("train")
+        # A data set already built (e.g. the test set in `nlnet eval`) tells; else the training set.
+        ds = next(iter(self._datasets.values())) if self._datasets else self.build_dataset("train")
         n = getattr(ds, "num_classes", None)
         if not isinstance(n, int):
             raise ConfigError(

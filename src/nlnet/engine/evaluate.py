@@ -51,7 +51,10 @@ def evaluate(
     cfg.model.pretrained = None
     cfg.model.init_from = None
     task = task if task is not None else build_task(cfg.task, cfg)
-    model = task.build_model()
+    if cfg.model.num_classes is None:  # the test set gives the number of classes
+        task.build_dataset(split)
+    model = task.build_model()  # before the data otherwise: a bad model keyword fails at once
+    dataset = task.build_dataset(split)
     report = load_for_eval(model, checkpoint)
     if dist.is_main() and (report.get("missing") or report.get("mismatched")):
         print(
@@ -61,7 +64,6 @@ def evaluate(
             file=sys.stderr,
         )
     model.to(device).eval()
-    dataset = task.build_dataset(split)
     loader = DataLoader(
         dataset,
         sampler=ShardSampler(len(dataset), rank, world),

@@ -115,6 +115,14 @@ class Trainer:
             path = Path(r)
             if not path.is_file():
                 raise ConfigError(f"train.resume: checkpoint not found: {r}")
+        # Rank 0 decides, so every process resumes from the same checkpoint.
+        chosen = dist.broadcast_object(str(path) if path is not None else None)
+        path = Path(chosen) if chosen is not None else None
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(
+                f"process {self.rank} cannot read checkpoint {path}: train.output_dir must be on a "
+                "file system shared by all nodes"
+            )
         if path is None:
             if dist.is_main():
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +179,10 @@ class Trainer:
 
     # -- signals ------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal:  # a second signal: stop now, without a checkpoint
+            raise KeyboardInterrupt
         self._stop_signal = signum
+        _log(f"signal {signum}: finishing iteration {self.iteration + 1}, then checkpoint and exit")
 
     def _install_signals(self) -> dict[int, Any]:
         old = {}
