@@ -300,3 +300,43 @@ def test_full_frame_views_of_different_sizes_are_scored_one_by_one() -> None:
         100 * (p.argmax(1) == torch.tensor([0, 1])).double().mean().item()
     )
     assert out["num_views"] == 2
+
+
+def test_task_builds_model_from_checkpoint_and_freezes_bn(
+    tmp_path: Path, rng: torch.Generator
+) -> None:
+    src = TinyVideoNet(num_classes=3)
+    with torch.no_grad():
+        for t in src.state_dict().values():
+            t.copy_(torch.rand(t.shape, generator=rng) * 10 if t.is_floating_point() else t)
+    atomic_save(
+        {"nlnet_checkpoint": 1, "model": src.state_dict(), "iteration": 9}, tmp_path / "k.pt"
+    )
+    atomic_save({"state_dict": src.state_dict()}, tmp_path / "plain.pt")
+    for ck in ("k.pt", "plain.pt"):
+        cfg = load_config(
+            None,
+            [
+                "model.name=tiny_net",
+                "model.num_classes=5",
+                f"model.init_from={tmp_path / ck}",
+                "model.freeze_bn=true",
+            ],
+        )
+        task = ClassificationTask(cfg)
+        model = task.build_model()
+        assert torch.equal(model.conv.weight, src.conv.weight)
+        assert torch.equal(model.bn.running_var, src.bn.running_var)
+        assert not torch.equal(
+            model.fc.bias[:3], src.fc.bias
+        )  # a 5-class classifier: re-initialised
+        assert sorted(m.split(":")[0] for m in task.init_report["mismatched"]) == [
+            "fc.bias",
+            "fc.weight",
+        ]
+        assert not model.bn.weight.requires_grad and model.conv.weight.requires_grad
+    bad = ClassificationTask(
+        load_config(None, ["model.name=tiny_net", "model.num_classes=3", "model.kwargs.depth=3"])
+    )
+    with pytest.raises(ConfigError, match=r"model\.kwargs.*depth"):
+        bad.build_model()

@@ -188,8 +188,15 @@ def load_model_weights(model: nn.Module, source: str | Path) -> dict[str, list[s
         obj = torch.load(path, map_location="cpu", weights_only=True)
     if is_engine_checkpoint(obj):
         return init_from_state_dict(model, obj["model"])
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return init_from_state_dict(model, obj)
+    if isinstance(obj, dict):
+        # A plain state dict, or one wrapped as {"model": ...} / {"state_dict": ...}.
+        for cand in (obj, obj.get("model"), obj.get("state_dict")):
+            if (
+                isinstance(cand, dict)
+                and cand
+                and all(isinstance(v, torch.Tensor) for v in cand.values())
+            ):
+                return init_from_state_dict(model, cand)
     try:
         from nlnet.models import load_weights  # type: ignore[attr-defined]
     except ImportError:

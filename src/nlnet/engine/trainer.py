@@ -432,6 +432,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"nlnet train: config error: {e}", file=sys.stderr)
         return 2
+    except FileNotFoundError as e:
+        print(f"nlnet train: {e}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as e:
         print(f"nlnet train: {e}", file=sys.stderr)
         return 1
