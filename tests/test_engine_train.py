@@ -152,6 +152,7 @@ def test_broken_videos_train_and_evaluate(tmp_path: Path, capsys: pytest.Capture
     assert report["video_top1"] <= 100 * 10 / 12 + 1e-9  # the unreadable videos count as wrong
     preds = (out / f"eval_{ck.stem}" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 12
+    assert not torch.are_deterministic_algorithms_enabled()  # the run's switches were restored
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ and writes ``predictions.jsonl`` and ``metrics.json`` into the run directory
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from nlnet.config import Config, ConfigError, load_config
 from nlnet.engine import distributed as dist
 from nlnet.engine.checkpoint import is_engine_checkpoint, load_model_weights, unwrap
-from nlnet.engine.runtime import autocast_factory, setup
+from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler
 from nlnet.engine.task import Task, build_task
 
@@ -46,8 +47,21 @@ def evaluate(
     split: str = "test",
     task: Task | None = None,
 ) -> dict[str, Any]:
+    """Score ``checkpoint`` on the ``split`` set with ``cfg.eval``'s protocol (paper §4.2) and
+    write predictions and metrics under ``out_dir``; returns the metrics (all processes)."""
+    flags = global_flags()
+    try:
+        return _evaluate(cfg, checkpoint, out_dir, split, task)
+    finally:
+        restore_global_flags(flags)
+
+
+def _evaluate(
+    cfg: Config, checkpoint: str | Path, out_dir: str | Path | None, split: str, task: Task | None
+) -> dict[str, Any]:
     device, rank, world = setup(cfg)
     # Weights come from the checkpoint: skip the training-time initialisation.
+    cfg = copy.deepcopy(cfg)
     cfg.model.pretrained = None
     cfg.model.init_from = None
     task = task if task is not None else build_task(cfg.task, cfg)

@@ -22,6 +22,16 @@ def device_kind(cfg: Config) -> str:
     return want
 
 
+def global_flags() -> tuple[bool, bool]:
+    """Process-wide switches ``setup`` may change (restored by :func:`restore_global_flags`)."""
+    return torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+
+
+def restore_global_flags(flags: tuple[bool, bool]) -> None:
+    torch.use_deterministic_algorithms(flags[0])
+    torch.backends.cudnn.benchmark = flags[1]
+
+
 def setup(cfg: Config) -> tuple[torch.device, int, int]:
     """Initialise distribution (torchrun) and determinism; return (device, rank, world size)."""
     kind = device_kind(cfg)

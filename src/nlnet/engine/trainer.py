@@ -40,7 +40,7 @@ from nlnet.engine.checkpoint import (
 )
 from nlnet.engine.optim import BatchPlan, StepSchedule, build_optimizer, plan_batches, set_lr
 from nlnet.engine.precise_bn import bn_modules, keep_frozen, update_bn_stats
-from nlnet.engine.runtime import autocast_factory, setup
+from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.engine.task import Task, build_task
 
@@ -69,13 +69,18 @@ class Trainer:
 
     def __init__(self, cfg: Config, task: Task | None = None) -> None:
         self.cfg = cfg
-        self.device, self.rank, self.world = setup(cfg)
-        self.plan: BatchPlan = plan_batches(cfg.solver, self.world)
-        self.task = task if task is not None else build_task(cfg.task, cfg)
-        # The model is built first: a bad model name or keyword fails before any data work.
-        # Its random initialisation depends on train.seed only (identical on every process).
-        torch.manual_seed(derive_seed(cfg.train.seed, 6))
-        self.model: nn.Module = self.task.build_model()
+        self._flags = global_flags()
+        try:
+            self.device, self.rank, self.world = setup(cfg)
+            self.plan: BatchPlan = plan_batches(cfg.solver, self.world)
+            self.task = task if task is not None else build_task(cfg.task, cfg)
+            # The model is built first: a bad model name or keyword fails before any data work.
+            # Its random initialisation depends on train.seed only (identical on every process).
+            torch.manual_seed(derive_seed(cfg.train.seed, 6))
+            self.model: nn.Module = self.task.build_model()
+        except BaseException:
+            restore_global_flags(self._flags)
+            raise
         self.out = Path(cfg.train.output_dir)
         self.autocast = autocast_factory(cfg, self.device)
         self._stop_signal = 0
@@ -273,6 +278,12 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            restore_global_flags(self._flags)
+
+    def _run(self) -> dict[str, Any]:
         self._prepare()
         cfg, plan = self.cfg, self.plan
         max_iter = self.schedule.max_iter
