@@ -23,7 +23,10 @@ class TinyVideoNet(nn.Module):
     """Conv3d → BN → ReLU → global pool → dropout → fc: a small network with every layer kind the
     engine treats specially (BN for precise BN/freezing/weight decay, dropout for RNG state)."""
 
-    def __init__(self, num_classes: int = 3, width: int = 6, dropout: float = 0.0) -> None:
+    def __init__(
+        self, num_classes: int = 3, width: int = 6, dropout: float = 0.0, freeze_bn: bool = False
+    ) -> None:
+        # freeze_bn is accepted like the paper's models do; the engine freezes the BN layer.
         super().__init__()
         self.conv = nn.Conv3d(3, width, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm3d(width)

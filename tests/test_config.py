@@ -129,7 +129,7 @@ def test_recipe_loads_and_builds(path: Path) -> None:
             "batch_size": 1,
             "reference_batch_size": 8,
         }
-        assert cfg.data.crop_size == 288 and cfg.data.test_scale == 320
+        assert cfg.data.extra == {"resize_to": 288} and cfg.data.test_scale == 320
     from nlnet.models import list_models
 
     if cfg.model.name not in list_models():

@@ -179,32 +179,46 @@ def init_from_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> di
     }
 
 
+def _report_dict(report: Any) -> dict[str, list[str]]:
+    """A ``nlnet.models.LoadReport`` (or dict) as lists of strings."""
+    if isinstance(report, dict):
+        return {k: [str(x) for x in v] for k, v in report.items() if isinstance(v, list)}
+    out: dict[str, list[str]] = {}
+    for k in ("loaded", "missing", "unexpected", "nonlocal_identity"):
+        out[k] = [str(x) for x in getattr(report, k, [])]
+    out["mismatched"] = [
+        f"{m[0]}: checkpoint {tuple(m[1])} vs model {tuple(m[2])}"
+        if isinstance(m, tuple)
+        else str(m)
+        for m in getattr(report, "mismatched", [])
+    ]
+    return out
+
+
 def load_model_weights(model: nn.Module, source: str | Path) -> dict[str, list[str]]:
-    """Initialise ``model`` from ``source``: an engine checkpoint, a plain state dict, or any
-    format ``nlnet.models.load_weights`` understands (converted Caffe2 ``.pkl`` etc.)."""
+    """Initialise ``model`` from ``source`` (engine checkpoint, state dict, converted weights).
+
+    Uses ``nlnet.models.load_weights`` (name conversion, 2D→3D inflation, BN folded into frozen
+    affines, non-local blocks left at identity); without it, copies the tensors whose name and
+    shape match (:func:`init_from_state_dict`). Returns the report as lists of names.
+    """
+    try:
+        from nlnet.models import load_weights  # type: ignore[attr-defined]
+    except ImportError:
+        load_weights = None
+    if load_weights is not None:
+        return _report_dict(load_weights(model, str(source)))
     path = Path(source)
-    obj: Any = None
-    if path.suffix in (".pt", ".pth", ".bin") and path.is_file():
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if is_engine_checkpoint(obj):
-        return init_from_state_dict(model, obj["model"])
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
         # A plain state dict, or one wrapped as {"model": ...} / {"state_dict": ...}.
-        for cand in (obj, obj.get("model"), obj.get("state_dict")):
+        for cand in (obj.get("model"), obj.get("state_dict"), obj):
             if (
                 isinstance(cand, dict)
                 and cand
                 and all(isinstance(v, torch.Tensor) for v in cand.values())
             ):
                 return init_from_state_dict(model, cand)
-    try:
-        from nlnet.models import load_weights  # type: ignore[attr-defined]
-    except ImportError:
-        raise ValueError(
-            f"cannot read weights from {source}: not an nlnet checkpoint or state dict, and "
-            "nlnet.models.load_weights is unavailable"
-        ) from None
-    report = load_weights(model, str(source))
-    if isinstance(report, dict):
-        return report
-    return {k: list(getattr(report, k, [])) for k in ("missing", "unexpected", "mismatched")}
+    raise ValueError(f"cannot read weights from {source}: expected a state dict of tensors")

@@ -78,6 +78,10 @@ class ClassificationTask:
         kwargs = dict(m.kwargs)
         if m.dropout is not None:
             kwargs.setdefault("dropout", m.dropout)
+        if m.freeze_bn:
+            # The builder turns BN into frozen affines (and loading folds the statistics in);
+            # the engine then freezes any BatchNorm layer left (see below).
+            kwargs.setdefault("freeze_bn", True)
         try:
             model = create_model(
                 m.name, num_classes=self.num_classes(), pretrained=m.pretrained, **kwargs
