@@ -226,3 +226,60 @@ def test_bf16_autocast_run_and_fp16_needs_cuda(
             main(["train", str(cfg), "train.amp=fp16", f"train.output_dir={tmp_path / 'x'}"]) == 2
         )
         assert "train.amp" in capsys.readouterr().err
+
+
+class _ToyRegression:
+    """A non-video task through the same trainer: the engine is generic over the Task protocol."""
+
+    def __init__(self, cfg: object) -> None:
+        self.cfg = cfg
+
+    def build_model(self) -> torch.nn.Module:
+        return torch.nn.Linear(3, 1)
+
+    def build_dataset(self, split: str) -> torch.utils.data.Dataset:
+        class _Points(torch.utils.data.Dataset):
+            def __len__(self) -> int:
+                return 16
+
+            def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                i = key[0] if isinstance(key, tuple) else key
+                x = torch.randn(3, generator=torch.Generator().manual_seed(i))
+                return x, x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+
+        return _Points()
+
+    def collate_fn(self) -> None:
+        return None
+
+    def training_step(self, model, batch, device):  # type: ignore[no-untyped-def]
+        x, y = (t.to(device) for t in batch)
+        loss = torch.nn.functional.mse_loss(model(x).squeeze(1), y)
+        return loss, {"loss": float(loss.detach())}
+
+    def evaluate(self, model, batches, device, out_dir):  # type: ignore[no-untyped-def]
+        errs = [
+            torch.nn.functional.mse_loss(model(x).squeeze(1), y, reduction="sum")
+            for x, y in batches
+        ]
+        return {"error": float(sum(errs)) / 16}
+
+
+def test_trainer_runs_any_registered_task(tmp_path: Path) -> None:
+    from nlnet.engine import register_task
+
+    register_task("toy_regression_test")(_ToyRegression)
+    out = tmp_path / "run"
+    raw = tiny_config(
+        out, solver={"max_iter": 80, "steps": [70], "base_lr": 0.1, "weight_decay": 0.0}
+    )
+    raw["task"] = "toy_regression_test"
+    raw["train"].update({"eval_period": 20, "checkpoint_period": 80, "log_period": 10})
+    raw["eval"]["batch_size"] = 16
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    assert main(["train", str(cfg)]) == 0
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert [v["iteration"] for v in val] == [20, 40, 60, 80]
+    assert val[-1]["error"] < 1e-3 and val[-1]["error"] < val[0]["error"] / 10  # it learned the map
+    w = load_checkpoint(latest_checkpoint(out))["model"]["weight"]
+    torch.testing.assert_close(w, torch.tensor([[1.0, -2.0, 0.5]]), atol=0.05, rtol=0)

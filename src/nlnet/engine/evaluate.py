@@ -100,7 +100,7 @@ def _evaluate(
     )
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-    with autocast_factory(cfg, device)():
+    with torch.no_grad(), autocast_factory(cfg, device)():
         result = task.evaluate(model, batches, device, out)
     return result
 

@@ -226,7 +226,7 @@ class Trainer:
         self.model.eval()
         sampler = ShardSampler(len(self.val_set), self.rank, self.world)
         loader = self._loader(sampler, self.cfg.eval.num_workers, batch=False)
-        with self.autocast():
+        with torch.no_grad(), self.autocast():
             result = self.task.evaluate(self.model, loader, self.device, None)
         self._train_mode()
         return result
