@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -74,10 +75,16 @@ def test_sigterm_writes_a_loadable_checkpoint_and_resumes(tmp_path: Path) -> Non
         out,
         solver={"max_iter": 100000, "steps": [50000]},
         train={"log_period": 1, "checkpoint_period": 100000},
+        data={"num_workers": 1},
     )
     cfg = write_config(tmp_path / "c.yaml", raw)
+    # Its own process group, signalled as a whole (as a cluster scheduler does): the loader
+    # worker must leave the signal to the main process.
     proc = subprocess.Popen(
-        [sys.executable, HELPER, "train", str(cfg)], stderr=subprocess.PIPE, text=True
+        [sys.executable, HELPER, "train", str(cfg)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 90
@@ -87,7 +94,7 @@ def test_sigterm_writes_a_loadable_checkpoint_and_resumes(tmp_path: Path) -> Non
         ):
             assert proc.poll() is None and time.time() < deadline, "training did not start"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -139,6 +146,7 @@ def test_broken_videos_train_and_evaluate(tmp_path: Path, capsys: pytest.Capture
     assert main(["train", str(cfg)]) == 0
     val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
     assert val and val[-1]["unreadable_videos"] == 2
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     capsys.readouterr()
     ck = latest_checkpoint(out)
     assert main(["eval", str(cfg), "--checkpoint", str(ck), "eval.num_clips=3"]) == 0

@@ -57,6 +57,13 @@ class Interrupted(Exception):
         self.signum, self.iteration, self.path = signum, iteration, path
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which checkpoints and then
+    shuts them down (a scheduler signalling the whole process group must not kill them first)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _log(msg: str) -> None:
     if dist.is_main():
         from tqdm import tqdm
@@ -176,8 +183,8 @@ class Trainer:
             "generator": torch.Generator().manual_seed(0),
         }
         if workers > 0:
-            kw["persistent_workers"] = False
             kw["prefetch_factor"] = 2
+            kw["worker_init_fn"] = _ignore_stop_signals
         if batch:
             return DataLoader(self.train_set, batch_sampler=sampler, **kw)
         return DataLoader(self.val_set, sampler=sampler, batch_size=self.cfg.eval.batch_size, **kw)
