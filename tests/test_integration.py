@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.videos import make_video
+
+from videos import make_video
 
 pytestmark = pytest.mark.slow
 
