@@ -168,7 +168,7 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     # No dropout: its masks come from each process's own random stream (the data are identical).
     common = {
         "solver": {"batch_size": 2, "reference_batch_size": 4, "max_iter": 6, "steps": [4]},
-        "model": {"name": "tiny_net", "num_classes": 3, "dropout": 0.0},
+        "model": {"name": "engine_test_net", "num_classes": 3, "dropout": 0.0},
     }
     one = tmp_path / "one"
     cfg = write_config(
