@@ -46,9 +46,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)
     shutil.copy(full / "checkpoints" / "iter_00000004.pt", part / "checkpoints")
-    shutil.copy(
-        full / "metrics.jsonl", part / "metrics.jsonl"
-    )  # includes records after iteration 4
+    # metrics.jsonl holds records after iteration 4 and a line cut short by the kill
+    (part / "metrics.jsonl").write_text(
+        (full / "metrics.jsonl").read_text() + '{"iteration": 9, "sp'
+    )
     # ... resumed with a different number of loader workers: the data stream must not change.
     assert main(["train", str(cfg), f"train.output_dir={part}", "data.num_workers=1"]) == 0
     a = load_checkpoint(full / "checkpoints" / "iter_00000008.pt")

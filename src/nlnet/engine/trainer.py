@@ -168,11 +168,14 @@ class Trainer:
         f = self.out / "metrics.jsonl"
         if not f.is_file():
             return
-        keep = [
-            ln
-            for ln in f.read_text().splitlines()
-            if ln.strip() and json.loads(ln)["iteration"] <= iteration
-        ]
+        keep = []
+        for ln in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:  # a line cut short when the job was killed
+                continue
+            if isinstance(rec, dict) and rec.get("iteration", iteration + 1) <= iteration:
+                keep.append(ln)
         atomic_write_text("".join(ln + "\n" for ln in keep), f)
 
     def _loader(self, sampler: Any, workers: int, *, batch: bool) -> DataLoader:
