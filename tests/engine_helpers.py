@@ -103,10 +103,10 @@ class TinyVideos(Dataset):
 
 
 def register() -> None:
-    if "tiny_net" not in _MODELS:
-        register_model("tiny_net")(TinyVideoNet)
-    if "tiny_videos" not in _DATASETS:
-        register_dataset("tiny_videos")(TinyVideos)
+    if "engine_test_net" not in _MODELS:
+        register_model("engine_test_net")(TinyVideoNet)
+    if "engine_test_videos" not in _DATASETS:
+        register_dataset("engine_test_videos")(TinyVideos)
 
 
 register()
@@ -115,9 +115,9 @@ register()
 def tiny_config(out: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A minimal recipe on the tiny model/data, as a plain dict (sections update the defaults)."""
     cfg: dict[str, Any] = {
-        "model": {"name": "tiny_net", "num_classes": 3, "dropout": 0.2},
+        "model": {"name": "engine_test_net", "num_classes": 3, "dropout": 0.2},
         "data": {
-            "name": "tiny_videos",
+            "name": "engine_test_videos",
             "clip_length": 4,
             "crop_size": 8,
             "num_workers": 0,

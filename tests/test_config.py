@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -141,21 +139,23 @@ def test_recipe_loads_and_builds(path: Path) -> None:
         create_model(cfg.model.name, num_classes=cfg.model.num_classes or 10, **kwargs)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    helper = Path(__file__).with_name("engine_helpers.py")
-    return subprocess.run(
-        [sys.executable, str(helper), *args], capture_output=True, text=True, timeout=120
-    )
-
-
-def test_cli_stops_before_the_run_on_bad_config(tmp_path: Path) -> None:
+def test_cli_stops_before_the_run_on_bad_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from engine_helpers import tiny_config, write_config
+    from nlnet.cli import main
 
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_config(out))
-    r = _cli("train", str(cfg), "solver.bse_lr=0.1")
-    assert r.returncode == 2 and "solver.bse_lr" in r.stderr and "base_lr" in r.stderr
+    assert main(["train", str(cfg), "solver.bse_lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "solver.bse_lr" in err and "solver.base_lr" in err
     # model keywords are checked by building the model before any data or output work
-    r = _cli("train", str(cfg), "model.kwargs.widht=4")
-    assert r.returncode == 2 and "model.kwargs" in r.stderr and "widht" in r.stderr
+    assert main(["train", str(cfg), "model.kwargs.widht=4", "train.deterministic=false"]) == 2
+    err = capsys.readouterr().err
+    assert "model.kwargs" in err and "widht" in err
+    assert (
+        main(["eval", str(cfg), "--checkpoint", str(tmp_path / "none.pt"), "eval.num_clip=3"]) == 2
+    )
+    assert "eval.num_clip" in capsys.readouterr().err
     assert not out.exists()

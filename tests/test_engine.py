@@ -317,7 +317,7 @@ def test_task_builds_model_from_checkpoint_and_freezes_bn(
         cfg = load_config(
             None,
             [
-                "model.name=tiny_net",
+                "model.name=engine_test_net",
                 "model.num_classes=5",
                 f"model.init_from={tmp_path / ck}",
                 "model.freeze_bn=true",
@@ -336,7 +336,9 @@ def test_task_builds_model_from_checkpoint_and_freezes_bn(
         ]
         assert not model.bn.weight.requires_grad and model.conv.weight.requires_grad
     bad = ClassificationTask(
-        load_config(None, ["model.name=tiny_net", "model.num_classes=3", "model.kwargs.depth=3"])
+        load_config(
+            None, ["model.name=engine_test_net", "model.num_classes=3", "model.kwargs.depth=3"]
+        )
     )
     with pytest.raises(ConfigError, match=r"model\.kwargs.*depth"):
         bad.build_model()

@@ -46,9 +46,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)
     shutil.copy(full / "checkpoints" / "iter_00000004.pt", part / "checkpoints")
-    shutil.copy(
-        full / "metrics.jsonl", part / "metrics.jsonl"
-    )  # includes records after iteration 4
+    # metrics.jsonl holds records after iteration 4 and a line cut short by the kill
+    (part / "metrics.jsonl").write_text(
+        (full / "metrics.jsonl").read_text() + '{"iteration": 9, "sp'
+    )
     # ... resumed with a different number of loader workers: the data stream must not change.
     assert main(["train", str(cfg), f"train.output_dir={part}", "data.num_workers=1"]) == 0
     a = load_checkpoint(full / "checkpoints" / "iter_00000008.pt")
@@ -168,7 +169,7 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     # No dropout: its masks come from each process's own random stream (the data are identical).
     common = {
         "solver": {"batch_size": 2, "reference_batch_size": 4, "max_iter": 6, "steps": [4]},
-        "model": {"name": "tiny_net", "num_classes": 3, "dropout": 0.0},
+        "model": {"name": "engine_test_net", "num_classes": 3, "dropout": 0.0},
     }
     one = tmp_path / "one"
     cfg = write_config(
@@ -291,3 +292,29 @@ def test_trainer_runs_any_registered_task(tmp_path: Path) -> None:
     assert val[-1]["error"] < 1e-3 and val[-1]["error"] < val[0]["error"] / 10  # it learned the map
     w = load_checkpoint(latest_checkpoint(out))["model"]["weight"]
     torch.testing.assert_close(w, torch.tensor([[1.0, -2.0, 0.5]]), atol=0.05, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.compile wraps the model with torch.compile; checkpoints keep plain parameter names.
+    (Dynamo's "eager" backend keeps the test fast; inductor is the default in real runs.)"""
+    overrides = {"solver": {"max_iter": 3, "steps": [2]}, "train": {"eval_period": 0}}
+    eager = tmp_path / "eager"
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(eager, **overrides))
+    assert main(["train", str(cfg)]) == 0
+    calls: list[torch.nn.Module] = []
+    real_compile = torch.compile
+
+    def eager_compile(model: torch.nn.Module) -> torch.nn.Module:
+        calls.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    compiled = tmp_path / "compiled"
+    assert main(["train", str(cfg), "train.compile=true", f"train.output_dir={compiled}"]) == 0
+    assert len(calls) == 1
+    a = load_checkpoint(latest_checkpoint(eager))["model"]
+    b = load_checkpoint(latest_checkpoint(compiled))["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)

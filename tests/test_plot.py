@@ -32,7 +32,8 @@ def _run(d: Path, offset: float) -> Path:
     recs.append(
         {"iteration": 500, "split": "val", "error": 1.5}
     )  # a resumed run re-logged 500: last wins
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    # the last line is being written by a running job
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"iter')
     return d
 
 
@@ -57,4 +58,9 @@ def test_plot_writes_a_png_with_all_runs(tmp_path: Path) -> None:
 def test_plot_reports_bad_run_dirs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"iteration": 1, "spl\n{"iteration": 2}\n')
+    assert main(["plot", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    assert "metrics.jsonl:1: not JSON" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -167,11 +168,14 @@ class Trainer:
         f = self.out / "metrics.jsonl"
         if not f.is_file():
             return
-        keep = [
-            ln
-            for ln in f.read_text().splitlines()
-            if ln.strip() and json.loads(ln)["iteration"] <= iteration
-        ]
+        keep = []
+        for ln in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:  # a line cut short when the job was killed
+                continue
+            if isinstance(rec, dict) and rec.get("iteration", iteration + 1) <= iteration:
+                keep.append(ln)
         atomic_write_text("".join(ln + "\n" for ln in keep), f)
 
     def _loader(self, sampler: Any, workers: int, *, batch: bool) -> DataLoader:
@@ -385,8 +389,9 @@ class Trainer:
                     )
                     rec = {"iteration": it, "split": "train", "lr": lr}
                     rec.update({k: float(v) for k, v in zip(keys, avg)})
-                    elapsed = time.perf_counter() - t0
-                    rec["clips_per_s"] = (it - it0) * plan.global_batch / max(elapsed, 1e-9)
+                    now = time.perf_counter()  # throughput since the previous record
+                    rec["clips_per_s"] = (it - it0) * plan.global_batch / max(now - t0, 1e-9)
+                    t0, it0 = now, it
                     self._record(rec)
                     if bar is not None:
                         bar.set_postfix(
@@ -457,13 +462,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"nlnet train: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
-        print(
-            f"nlnet train: stopped by signal {e.signum} at iteration {e.iteration}; checkpoint "
-            f"{e.path} written; run the same command again to resume",
-            file=sys.stderr,
-        )
+        if _launched_rank() == 0:
+            print(
+                f"nlnet train: stopped by signal {e.signum} at iteration {e.iteration}; "
+                f"checkpoint {e.path} written; run the same command again to resume",
+                file=sys.stderr,
+            )
         return 128 + int(e.signum)
     finally:
         dist.shutdown()
-    print(f"nlnet train: done; run directory {cfg.train.output_dir}", file=sys.stderr)
+    if _launched_rank() == 0:
+        print(f"nlnet train: done; run directory {cfg.train.output_dir}", file=sys.stderr)
     return 0
+
+
+def _launched_rank() -> int:
+    # After the process group is gone, torchrun's RANK still says who we were.
+    return int(os.environ.get("RANK", "0"))

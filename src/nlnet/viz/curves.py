@@ -22,12 +22,15 @@ def read_curves(
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is this an nlnet run directory?)")
     points: dict[str, dict[int, float]] = {"train": {}, "val": {}}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines):  # a run still writing (or killed mid-line)
+                break
             raise ValueError(f"{path}:{n}: not JSON ({e})") from None
         split = rec.get("split")
         if split in points and isinstance(rec.get(key), int | float):
