@@ -262,7 +262,7 @@ class VideoClipDataset(Dataset):
     def _fail(self, path: str, err: Exception) -> None:
         self.failures[path] = self.failures.get(path, 0) + 1
         self.failure_reasons[path] = str(err)
-        log.warning("unreadable video skipped: %s", err)  # the message names the file
+        log.warning("unreadable video (%s mode): %s", self.mode, err)  # err names the file
 
     # -- items ------------------------------------------------------------------------------
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:

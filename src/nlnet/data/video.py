@@ -252,6 +252,12 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
             f"(frames {missing[:5]}... could not be decoded; truncated file?)"
         )
     first = got[wanted[0]]
+    odd = [i for i in wanted if got[i].shape != first.shape]
+    if odd:
+        raise VideoDecodeError(
+            f"{info.path}: frame size changes inside the clip ({first.shape[1]}x{first.shape[0]}"
+            f" at frame {wanted[0]}, {got[odd[0]].shape[1]}x{got[odd[0]].shape[0]} at {odd[0]})"
+        )
     out = np.empty((len(indices), *first.shape), dtype=np.uint8)
     for k, i in enumerate(indices):
         out[k] = got[int(i)]
