@@ -205,6 +205,7 @@ def test_decode_frames_equals_decoding_everything(videos, name):
         got = decode_frames(info, idx)
         assert np.array_equal(got, every[idx])
         assert [frame_index(f) for f in got] == idx
+    assert np.array_equal(decode_frames(info, idx, threads=2), every[idx])  # FFmpeg threads
     # a wrapped clip: end and start of the video
     idx = clip_indices(info.num_frames - 5, info.num_frames, 6, 2)
     assert [frame_index(f) for f in decode_frames(info, idx)] == idx

@@ -321,6 +321,35 @@ def test_dataloader_workers_reproducible_from_seed(kinetics_root):
     assert all(x[0] == y[0] and torch.equal(x[1], y[1]) for x, y in zip(p, q))
 
 
+def test_seeded_sampler_with_distributed_sampler():
+    from torch.utils.data import DistributedSampler
+
+    data = list(range(10))
+    ranks = [
+        SeededSampler(DistributedSampler(data, num_replicas=2, rank=r, seed=1), 5, r)
+        for r in (0, 1)
+    ]
+    keys = [list(s) for s in ranks]
+    assert sorted(i for k in keys for i, _ in k) == data  # the shards cover the data set
+    seeds = [sd for k in keys for _, sd in k]
+    assert len(set(seeds)) == len(seeds)  # every item its own stream
+    assert [list(s) for s in ranks] == keys  # same epoch, same keys
+    for s in ranks:
+        s.set_epoch(1)
+    assert [list(s) for s in ranks] != keys
+
+
+def test_kinetics_test_csv_without_labels(tmp_path):
+    make_video(tmp_path / "test" / "tst_000001_000011.mp4", 10)
+    csv = tmp_path / "kinetics_test.csv"
+    csv.write_text("youtube_id,time_start,time_end,split\ntst,1,11,test\n")
+    ds = build_dataset(
+        "kinetics", root=tmp_path / "test", annotations=csv, mode="test", classes=["a", "b"],
+        num_clips=1, test_crop="center", clip_length=2, test_scale=48,
+    )  # fmt: skip
+    assert ds.videos == ["tst"] and int(ds[0]["target"]) == -1  # no label to score
+
+
 def test_bad_arguments_are_named(kinetics_root):
     root, csv = kinetics_root
     for kw, msg in [
