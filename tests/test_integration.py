@@ -109,6 +109,7 @@ def test_eval_reports_the_unreadable_video(run: dict) -> None:
     # 2 classes × 2 readable videos + 1 unreadable, all scored exactly once.
     preds = (run["tmp"] / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 5
+    assert (run["tmp"] / "run" / "missing_videos_train.txt").exists()
     assert metrics["num_videos"] == 5 and metrics["unreadable_videos"] == 1
     assert metrics["unreadable_video_ids"] == ["bowling/broken.mp4"]
     assert metrics["num_views"] == 5 * 2 and metrics["invalid_views"] == 2

@@ -112,7 +112,7 @@ class ClassificationTask:
             "normalization": d.normalization,
             "max_retries": d.max_retries,
             "target_fps": d.target_fps,
-            "missing_report": d.missing_report,
+            "missing_report": self._missing_report(split),
             "classes": d.classes,
         }
         if split == "test":
@@ -120,6 +120,18 @@ class ClassificationTask:
             kw["test_crop"] = e.test_crop
         kw.update(d.extra)
         return {k: v for k, v in kw.items() if v is not None}
+
+    def _missing_report(self, split: str) -> str | None:
+        """Where the list of videos missing on disk goes: one file per split, next to the run
+        (``data.missing_report`` names another place; the split is appended to its stem)."""
+        from nlnet.engine import distributed
+
+        if not distributed.is_main():
+            return None
+        if self.cfg.data.missing_report:
+            path = Path(self.cfg.data.missing_report)
+            return str(path.with_name(f"{path.stem}_{split}{path.suffix}"))
+        return str(Path(self.cfg.train.output_dir) / f"missing_videos_{split}.txt")
 
     def build_dataset(self, split: str) -> Dataset:
         if split not in ("train", "val", "test"):
