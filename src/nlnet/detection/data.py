@@ -27,7 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+
+
+def read_rgb(path: str | os.PathLike[str]) -> Tensor:
+    """uint8 (3, H, W) RGB image from a file (Pillow; torchvision's decoders are deprecated)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def keypoint_flip_indices(names: Sequence[str]) -> list[int]:
@@ -172,9 +180,7 @@ class CocoDetectionDataset(Dataset):
         path = self.image_dir / info["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"image {image_id} not found at {path}")
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        image = decode_image(data, mode=ImageReadMode.RGB)
-        return image.float().div_(255.0)
+        return read_rgb(path).float().div_(255.0)
 
     def target(self, image_id: int, height: int, width: int) -> dict[str, Tensor]:
         """The torchvision target of one image, in its file's pixel coordinates."""

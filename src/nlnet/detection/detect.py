@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.io import ImageReadMode, decode_image, write_png
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
+from nlnet.detection.data import read_rgb
 from nlnet.detection.synthetic import COCO_SKELETON
 
 _PALETTE = [
@@ -128,7 +128,9 @@ def _atomic_png(image: Tensor, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
     try:
-        write_png(image, tmp)
+        from PIL import Image
+
+        Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -179,8 +181,7 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             print(f"nlnet detect: image not found: {path}", file=sys.stderr)
             return 2
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        image = decode_image(data, mode=ImageReadMode.RGB)
+        image = read_rgb(path)
         with torch.no_grad():
             det = model([image.to(device).float().div(255.0)])[0]
         det = {k: v.cpu() for k, v in det.items()}
