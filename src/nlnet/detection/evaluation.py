@@ -73,8 +73,9 @@ def detections_to_coco(
             masks = (det["masks"].detach().cpu()[:, 0] > mask_threshold).numpy().astype(np.uint8)
             rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
             for b, rle in zip(base, rles):
-                rle["counts"] = rle["counts"].decode("ascii")
-                out["segm"].append({**b, "segmentation": rle})
+                # Plain str/int so the records are JSON (pycocotools gives bytes and uint32).
+                segm = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+                out["segm"].append({**b, "segmentation": segm})
         if "keypoints" in det:
             kps = det["keypoints"].detach().float().cpu().flatten(1).tolist()
             out["keypoints"] += [
@@ -89,12 +90,14 @@ def coco_evaluate(
     *,
     iou_types: Iterable[str],
     image_ids: Sequence[int] | None = None,
+    category_ids: Sequence[int] | None = None,
     keypoint_sigmas: Sequence[float] | None = None,
 ) -> tuple[dict[str, float], str]:
     """Run COCOeval for each IoU type; returns (metrics in percent, COCOeval's printed summary).
 
     ``image_ids`` restricts the evaluation to the images that were run (default: all of
-    ``coco_gt``).  ``keypoint_sigmas`` (the OKS σ per keypoint) defaults to COCO's 17 values and
+    ``coco_gt``), ``category_ids`` to the categories the model detects (default: all; keypoint
+    evaluation always uses the categories that have keypoints).  ``keypoint_sigmas`` (the OKS σ per keypoint) defaults to COCO's 17 values and
     is required for other keypoint sets.  An IoU type without any detection scores 0.
     """
     from pycocotools.cocoeval import COCOeval
@@ -111,10 +114,19 @@ def coco_evaluate(
             log.write(f"{iou_type}: no detections\n")
             continue
         with contextlib.redirect_stdout(log):
-            coco_dt = coco_gt.loadRes(records)
+            # loadRes adds keys (area, id, bbox) to the records it is given: hand it copies.
+            coco_dt = coco_gt.loadRes([dict(r) for r in records])
             evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
             if image_ids is not None:
                 evaluator.params.imgIds = sorted({int(i) for i in image_ids})
+            cats = category_ids
+            if iou_type == "keypoints":
+                with_kp = [
+                    c["id"] for c in coco_gt.loadCats(coco_gt.getCatIds()) if c.get("keypoints")
+                ]
+                cats = [c for c in (cats or with_kp) if c in with_kp]
+            if cats is not None:
+                evaluator.params.catIds = sorted({int(c) for c in cats})
             if iou_type == "keypoints":
                 k = len(records[0]["keypoints"]) // 3
                 if keypoint_sigmas is not None:

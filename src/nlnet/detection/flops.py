@@ -82,7 +82,7 @@ def _count(module: nn.Module, *inputs: object) -> tuple[int, int]:
     for name, block in blocks.items():
         if name not in shapes:
             continue
-        per_op = counts.get(f"{root}.{name}", {})
+        per_op = counts.get(f"{root}.{name}" if name else root, {})
         convs = sum(v for op, v in per_op.items() if op is conv)
         others = sum(v for op, v in per_op.items() if op is not conv)
         analytic = attention_flops(block, shapes[name])

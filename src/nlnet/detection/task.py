@@ -269,6 +269,7 @@ class DetectionTask:
                 all_results,
                 iou_types=self.iou_types,
                 image_ids=all_ids,
+                category_ids=dataset.category_ids,
                 keypoint_sigmas=self.keypoint_sigmas,
             )
             metrics["images"] = float(len(all_ids))
