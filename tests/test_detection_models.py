@@ -14,6 +14,7 @@ from nlnet.detection import (
     NonLocalKeypointHead,
     create_detector,
     list_detectors,
+    load_backbone_weights,
     load_detector_weights,
     padding_mask,
 )
@@ -207,15 +208,21 @@ def test_imagenet_backbone_from_path_and_url(tmp_path) -> None:
     state = torchvision.models.resnet50().state_dict()
     path = tmp_path / "resnet50-imagenet.pth"
     torch.save(state, path)
-    for source in (path, path.as_uri()):
-        m = create_detector(
-            "maskrcnn_r50_fpn_nl", 4, pretrained_backbone=source, model_dir=str(tmp_path / "hub")
-        )
-        body = m.backbone.body
+    m = create_detector("maskrcnn_r50_fpn_nl", 4, pretrained_backbone=path)
+    body = m.backbone.body
+    for source in (path, path.as_uri()):  # a file, then a URL (through torch.hub's cache)
+        if source != path:
+            with torch.no_grad():
+                for t in body.state_dict().values():
+                    t.zero_()
+            load_backbone_weights(m, source, model_dir=str(tmp_path / "hub"))
         assert torch.equal(body.layer3[5].conv2.weight, state["layer3.5.conv2.weight"])
         assert torch.equal(body.bn1.running_var, state["bn1.running_var"])
         assert torch.equal(body.conv1.weight, state["conv1.weight"])
+    assert (tmp_path / "hub" / path.name).is_file()
+    with torch.device("meta"):  # the check happens before any tensor is copied
+        r101 = create_detector("maskrcnn_r101_fpn", 4)
     with pytest.raises(ValueError, match="ResNet-101"):
-        create_detector("maskrcnn_r101_fpn", 4, pretrained_backbone=path)
+        load_backbone_weights(r101, path)
     with pytest.raises(FileNotFoundError):
-        create_detector("maskrcnn_r50_fpn", 4, pretrained_backbone=tmp_path / "missing.pth")
+        load_backbone_weights(r101, tmp_path / "missing.pth")
