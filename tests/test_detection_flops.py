@@ -59,3 +59,8 @@ def test_one_block_adds_less_than_5_percent_to_mask_rcnn_r50(capsys) -> None:
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("maskrcnn_r50_fpn_nl"))
     assert row.split()[-1] == f"{100 * added:.2f}%"
+
+
+def test_unknown_detector_name_is_an_error(capsys) -> None:
+    assert flops.print_detector_flops(["maskrcnn_r18_fpn"]) == 2
+    assert "unknown detector" in capsys.readouterr().out

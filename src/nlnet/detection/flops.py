@@ -178,17 +178,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def print_detector_flops(names: Sequence[str], input_size: tuple[int, int] = (800, 1088)) -> int:
+    """Print the FLOPs table for detector ``names``; the exit status for a command (2: bad name).
+
+    ``nlnet flops maskrcnn_r50_fpn_nl`` is meant to land here (see :func:`run`).
+    """
     from nlnet.detection.registry import list_detectors
 
-    names = list(args.names) or list_detectors("maskrcnn_*")
     unknown = [n for n in names if n not in list_detectors()]
     if unknown:
-        print(f"unknown detector(s) {unknown}; known: {', '.join(list_detectors())}")
+        print(
+            f"nlnet flops: error: unknown detector(s) {unknown}; known: {', '.join(list_detectors())}"
+        )
         return 2
-    h, w = args.input_size
+    h, w = input_size
     print(f"FLOPs at a {h}×{w} input (1000 proposals, 100 detections; 2 FLOPs per multiply-add)")
     print(f"{'model':42s} {'GFLOPs':>9s} {'non-local':>10s} {'added':>7s}")
     for name, total, nl, added in flops_table(names, (h, w)):
         print(f"{name:42s} {total:9.1f} {nl:10.2f} {added:6.2f}%")
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Command entry point: the named detectors, or the Table 5 Mask R-CNN rows."""
+    from nlnet.detection.registry import list_detectors
+
+    names = list(args.names) or list_detectors("maskrcnn_*")
+    return print_detector_flops(names, tuple(args.input_size))
