@@ -48,3 +48,48 @@ def test_recipe_builds_its_detector(path: Path) -> None:
     assert has_nl == any("nonlocal" in n for n, _ in model.named_parameters())
     want_classes = 2 if path.stem.startswith("keypoint") else 91
     assert model.roi_heads.box_predictor.cls_score.out_features == want_classes
+
+
+def _config(**extra):
+    from types import SimpleNamespace as NS
+
+    return NS(
+        task="detection",
+        model=NS(
+            name="maskrcnn_r50_fpn_nl",
+            num_classes=91,
+            pretrained="resnet50.pth",
+            init_from="baseline.pth",
+            freeze_bn=False,
+            kwargs={"min_size": 800},
+        ),
+        data=NS(
+            root="train2017",
+            annotations="train.json",
+            val_root=None,
+            val_annotations="val.json",
+            extra=extra,
+        ),
+    )
+
+
+def test_config_translation_without_the_engine() -> None:
+    task = DetectionTask.from_config(_config(flip_prob=0.25, contiguous_labels=True))
+    assert task.model_name == "maskrcnn_r50_fpn_nl" and task.iou_types == ("bbox", "segm")
+    assert (task.pretrained_backbone, task.init_from) == ("resnet50.pth", "baseline.pth")
+    assert task.paths == {"train": ("train2017", "train.json"), "val": ("train2017", "val.json")}
+    assert (task.flip_prob, task.contiguous_labels, task.model_kwargs) == (
+        0.25,
+        True,
+        {"min_size": 800},
+    )
+    with pytest.raises(ValueError, match="flip_probability"):
+        DetectionTask.from_config(_config(flip_probability=0.5))
+    cfg = _config()
+    cfg.model.freeze_bn = True
+    with pytest.raises(ValueError, match="freeze_bn"):
+        DetectionTask.from_config(cfg)
+    cfg = _config()
+    cfg.model.name = "maskrcnn_r18"
+    with pytest.raises(ValueError, match="unknown detector"):
+        DetectionTask.from_config(cfg)

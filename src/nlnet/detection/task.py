@@ -149,6 +149,12 @@ class DetectionTask:
     @classmethod
     def from_config(cls, cfg: Any) -> DetectionTask:
         """Translate an engine :class:`nlnet.config.Config` (see the module docstring)."""
+        if getattr(cfg.model, "freeze_bn", False):
+            raise ValueError(
+                "model.freeze_bn is not used by detectors: the ResNet's BN is already frozen "
+                "(FrozenBatchNorm2d), and freezing the non-local blocks' BN (γ = 0 at init) "
+                "would keep them at the identity"
+            )
         extra = dict(cfg.data.extra)
         unknown = sorted(set(extra) - set(_EXTRA_KEYS))
         if unknown:
