@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,43 @@ def test_results_format_and_empty_detections(shapes) -> None:
     assert metrics["bbox/AP"] == 0.0
     with pytest.raises(ValueError, match="IoU type"):
         coco_evaluate(gt, {}, iou_types=["boxes"])
+
+
+def _ddp_worker(rank: int, world: int, port: int, image_dir: str, ann_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        task = DetectionTask("maskrcnn_r50_fpn", val_images=image_dir, val_annotations=ann_file)
+        ds = task.build_dataset("val")
+        mine = list(range(rank, len(ds), world))  # this rank's share, as the engine's sampler
+        dets = _as_detections(ds)
+        replay = Replay([dets[i] for i in mine])
+        batches = [collate_detection([ds[i]]) for i in mine]
+        metrics = task.evaluate(
+            replay, batches, torch.device("cpu"), Path(out) if rank == 0 else None
+        )
+        Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluation_gathers_every_rank(tmp_path, shapes) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    image_dir, ann_file = shapes
+    mp.spawn(_ddp_worker, args=(2, port, str(image_dir), str(ann_file), str(tmp_path)), nprocs=2)
+    m0 = json.loads((tmp_path / "rank0.json").read_text())
+    m1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert m0 == m1  # every rank returns rank 0's result
+    assert m0["images"] == 3.0 and m0["bbox/AP"] == pytest.approx(100.0)
+    assert m0["segm/AP"] == pytest.approx(100.0)
+    assert (tmp_path / "metrics.json").is_file()
