@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("nlnet.benchmark", "benchmark the non-local operation: auto vs explicit backend"),
+    "detect": ("nlnet.detection.detect", "draw a detector's boxes, masks and keypoints on images"),
     "convert": ("nlnet.models.convert", "convert Caffe2 / PySlowFast / mmaction2 weights to nlnet"),
     "flops": ("nlnet.flops", "parameters and FLOPs per stage of a model (Table 2e costs)"),
     "data-check": (
