@@ -230,6 +230,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from nlnet.models import create_model
 
+    if args.name and args.name.startswith(("maskrcnn_", "keypointrcnn_")):
+        # COCO detectors (§6) are counted by the detection package at their own input size.
+        from nlnet.detection.flops import print_detector_flops
+
+        return int(print_detector_flops([args.name]) or 0)
+
     if args.frames < 1 or args.size < 1:
         print(
             f"nlnet flops: error: --frames and --size must be positive, got {args.frames}, {args.size}"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nlnet.block import NonLocalBlock
+from nlnet.flops import attention_flops  # one formula for video and detection blocks
 
 
 @dataclass
@@ -43,19 +43,6 @@ class DetectorFlops:
     @property
     def total(self) -> int:
         return sum(self.components.values())
-
-
-def attention_flops(block: NonLocalBlock, x_shape: Sequence[int]) -> int:
-    """2·B·Nq·Nk·(d + d_v): the two matrix products of Eq. (1) for a 2D/3D ``spacetime`` block."""
-    b, _, *spatial = x_shape
-    nq = math.prod(spatial)
-    kernel = block.subsample or (1,) * len(spatial)
-    nk = math.prod(s // k for s, k in zip(spatial, kernel))
-    d = block.in_channels if block.pairwise == "gaussian" else block.inner_channels
-    dv = block.inner_channels
-    if block.pairwise == "concatenation":  # f is a sum of two projections: no θᵀφ product
-        return 2 * b * nq * nk * dv
-    return 2 * b * nq * nk * (d + dv)
 
 
 def _count(module: nn.Module, *inputs: object) -> tuple[int, int]:

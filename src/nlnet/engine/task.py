@@ -6,6 +6,7 @@ task supplies the model, the data and what a training step and an evaluation mea
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,8 +60,18 @@ def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Ta
     return wrap
 
 
+# Tasks that ship with nlnet, imported on first use so the engine does not import detection code
+# (or torchvision's detection models) for a video run.
+_BUILTIN_TASKS: dict[str, str] = {
+    "classification": "nlnet.engine.classification",
+    "detection": "nlnet.detection.task",
+}
+
+
 def build_task(name: str, config: Any) -> Task:
     """Build the task registered as ``name`` ("classification", "detection") from a config."""
+    if name not in _TASKS and name in _BUILTIN_TASKS:
+        importlib.import_module(_BUILTIN_TASKS[name])
     if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(sorted(_TASKS))}")
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(sorted({*_TASKS, *_BUILTIN_TASKS}))}")
     return _TASKS[name](config)
