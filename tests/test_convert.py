@@ -335,7 +335,7 @@ def test_slowfast_roundtrip_and_block_semantics(tmp_path: Path) -> None:
     assert len(to_slowfast(create_model("i3d_r50", device="meta"))) == 320
     src = tmp_path / "I3D_NLN_8x8_R50.pyth"
     torch.save({"model_state": sd, "cur_epoch": 196}, src)
-    conv, report, model = convert_checkpoint("slowfast", src, tmp_path / "out.pth", "i3d_r50_nl5")
+    conv, report, model = convert_checkpoint("slowfast", src, None, "i3d_r50_nl5")
     assert conv.model_kwargs == {"variant": "slowfast"} and report.complete
     _assert_same_state(model, source)
     torch.testing.assert_close(_logits(model), _logits(source), rtol=0, atol=0)
@@ -373,7 +373,7 @@ def test_mmaction2_roundtrip_and_block_semantics(tmp_path: Path) -> None:
     assert not any(k.endswith("conv_out.conv.bias") for k in sd)
     src = tmp_path / "i3d_nl.pth"
     torch.save({"meta": {"epoch": 100}, "state_dict": sd}, src)
-    conv, report, model = convert_checkpoint("mmaction2", src, tmp_path / "out.pth", "i3d_r50_nl5")
+    conv, report, model = convert_checkpoint("mmaction2", src, None, "i3d_r50_nl5")
     assert conv.model_kwargs == {**settings, "scale": 1.0, "norm": "batch"}
     assert report.complete
     _assert_same_state(model, source)  # logits: see the small-network test below

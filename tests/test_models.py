@@ -321,6 +321,8 @@ def test_any_input_size_is_fully_convolutional() -> None:
         assert not torch.allclose(both[0], both[1])
     with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
         model(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="too small for pool1"):
+        model(torch.zeros(1, 3, 2, 64, 64))  # T: 2 → 1 after the stem; the 2×3×3 pool1 needs 2
     # The paper's full-frame test clips (256×320) through a registry model, on meta.
     big = create_model("i3d_r50_nl5", device="meta").eval()
     assert big(torch.empty(1, 3, 32, 256, 320, device="meta")).shape == (1, 400)

@@ -134,7 +134,7 @@ class Stem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn(self.conv(x)))
-        return x if self.pool is None else self.pool(x)
+        return x if self.pool is None else _checked_pool(self.pool, x, "pool1")
 
 
 class _Residual(nn.Module):
@@ -501,7 +501,7 @@ class VideoResNet(nn.Module):
             x = getattr(self, name)(x)
             feats[name] = x
             if i == 0 and self.pool2 is not None:
-                x = self.pool2(x)
+                x = _checked_pool(self.pool2, x, "pool2")
                 feats["pool2"] = x
         return feats
 
@@ -515,8 +515,21 @@ class VideoResNet(nn.Module):
         for i, name in enumerate(self.stage_names):
             x = getattr(self, name)(x)
             if i == 0 and self.pool2 is not None:
-                x = self.pool2(x)
+                x = _checked_pool(self.pool2, x, "pool2")
         return self.head(x)
+
+
+def _checked_pool(pool: nn.MaxPool3d, x: Tensor, name: str) -> Tensor:
+    """Max-pool, with a clear error when the clip is too short or small for this layout."""
+    kernel = _triple(pool.kernel_size, name)
+    padding = _triple(pool.padding, name)
+    if any(s + 2 * p < k for s, k, p in zip(x.shape[2:], kernel, padding)):
+        raise ValueError(
+            f"the clip is too small for {name} (kernel {kernel}, padding {padding}): its input "
+            f"is T×H×W = {tuple(x.shape[2:])}; use more frames / a larger crop, or another "
+            f"variant (e.g. 'speed' has no temporal stride in the stem)"
+        )
+    return pool(x)
 
 
 def _pool_spec(spec: PoolSpec | None, name: str) -> PoolSpec | None:
