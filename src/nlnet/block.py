@@ -326,7 +326,9 @@ class NonLocalBlock(nn.Module):
             key_padding_mask: optional (B, *spatial) bool, True where x is padding (e.g. a padded
                 detection batch).  Padded positions are excluded from the keys: they never win
                 a sub-sampling max, and a pooled key made only of padding is masked.  Outputs at
-                padded query positions are computed but meaningless.
+                padded query positions are computed but meaningless (a query whose every key
+                is padding, e.g. a padded location with ``extent='time'``, attends to those
+                keys unmasked).
         """
         self._check_input(x, key_padding_mask)
         m = key_padding_mask
@@ -352,6 +354,10 @@ class NonLocalBlock(nn.Module):
             mask = layout.keys(
                 _mask5d(self._pool_mask(key_padding_mask), self.dim), query_hw, pool3
             )
+            # With extent space/time/groups a row of keys can be all padding (e.g. a padded
+            # location for 'time'); its queries are padding too, so let them see those keys
+            # rather than divide by zero.  Tensor ops only: no host sync, traceable.
+            mask = mask & ~mask.all(dim=1, keepdim=True)
         result = nonlocal_attention(
             q,
             k,

@@ -7,7 +7,7 @@
 * Dot product (Eq. 4): matrix products are associative, so (θφᵀ/N)·g = θ·(φᵀg)/N.  That is
   O(N·d·dv) instead of O(Nq·Nk·d) and needs only a d × dv intermediate.
 * Concatenation (Eq. 5): w_fᵀ[θᵢ, φⱼ] = aᵢ + bⱼ.  With the keys sorted by bⱼ (descending), the keys
-  where aᵢ + bⱼ > 0 are a prefix of that order whose length kᵢ a binary search finds, so
+  where aᵢ + bⱼ > 0 are a prefix of that order whose length kᵢ one merged sort finds, so
   Σⱼ ReLU(aᵢ + bⱼ) gⱼ = aᵢ·G[kᵢ] + BG[kᵢ] with G, BG the prefix sums of g and b·g.
   O(N log N + N·dv), differentiable through autograd (sort and search only produce indices).
 """
@@ -107,6 +107,9 @@ class _SoftmaxAttentionCPU(torch.autograd.Function):
         scale: float,
         bias: Tensor | None,
     ) -> Tensor:
+        # The fused CPU kernel mis-handles some strided inputs (e.g. the block's transposed
+        # (B, C, N) views) in torch 2.14; contiguous copies cost O(N·d) and keep it exact.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with _autocast_off(q):
             if q.shape[-1] == v.shape[-1]:
                 mask4 = None if bias is None else bias[:, None]
@@ -196,10 +199,12 @@ def softmax_attention(
         # SDPA's boolean mask is True where attention is *allowed*: (B, 1, 1, Nk) broadcasts.
         attn_mask = (~key_padding_mask)[:, None, None, :]
     width = max(d, dv)
+    # Contiguous (B, 1, N, d) inputs: the fused kernels want them, and inductor's SDPA lowering
+    # fails on the block's transposed views under dynamic shapes (torch 2.14).
     y = F.scaled_dot_product_attention(
-        _pad_last(q, width)[:, None],
-        _pad_last(k, width)[:, None],
-        _pad_last(v, width)[:, None],
+        _pad_last(q, width)[:, None].contiguous(),
+        _pad_last(k, width)[:, None].contiguous(),
+        _pad_last(v, width)[:, None].contiguous(),
         attn_mask=attn_mask,
         scale=scale,
     )
@@ -224,6 +229,21 @@ def dot_product_attention(
         context = torch.bmm(phi_w.transpose(1, 2), g_w.to(phi_w.dtype)) / n
         y = torch.bmm(theta_w, context)
     return y.to(g.dtype)
+
+
+def _count_below(c: Tensor, a: Tensor) -> Tensor:
+    """kᵢ = #{j : cⱼ < aᵢ} per batch row, for (B, Nk) c and (B, Nq) a.
+
+    Equivalent to ``searchsorted(sort(c), a)`` but built from a merged sort and a cumulative sum,
+    which every exporter (ONNX included) supports.  Ties (aᵢ = cⱼ, i.e. aᵢ + bⱼ = 0) may land
+    on either side: such a key contributes ReLU(0)·gⱼ = 0 either way.
+    """
+    nq = a.shape[1]
+    order = torch.sort(torch.cat([a, c], dim=1), dim=1).indices
+    is_key = (order >= nq).to(torch.int64)
+    keys_before = torch.cumsum(is_key, dim=1) - is_key
+    counts = torch.zeros_like(keys_before).scatter(1, order, keys_before)
+    return counts[:, :nq]
 
 
 def concatenation_attention(
@@ -269,7 +289,7 @@ def concatenation_attention(
         prefix_g = torch.cat([zeros, torch.cumsum(g_sorted, dim=1)], dim=1)
         prefix_bg = torch.cat([zeros, torch.cumsum(b_sorted[:, :, None] * g_sorted, dim=1)], dim=1)
         # kᵢ = #{j : bⱼ > -aᵢ} = #{j : cⱼ < aᵢ} with c = -b sorted ascending.
-        k = torch.searchsorted(c_sorted.contiguous(), a.detach().contiguous(), side="left")
+        k = _count_below(c_sorted, a.detach())
         idx = k[:, :, None].expand(-1, -1, g_sorted.shape[2])
         y = a.to(acc)[:, :, None] * torch.gather(prefix_g, 1, idx) + torch.gather(prefix_bg, 1, idx)
         y = y / valid_key_count(key_padding_mask, nk, y)
