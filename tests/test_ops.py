@@ -331,3 +331,40 @@ def test_double_backward_is_refused_clearly():
     (gt,) = torch.autograd.grad(y.sum(), theta, create_graph=True)
     with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
         torch.autograd.grad(gt.sum(), theta)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_matches_explicit_and_autocast(form):
+    """On CUDA the softmax forms go through SDPA's fused kernels (d ≠ dv zero-padded)."""
+    gen = torch.Generator().manual_seed(0)
+    b, nq, nk, d, dv = 2, 300, 200, 32, 16
+    t = [torch.randn(*s, generator=gen).cuda() for s in ((b, nq, d), (b, nk, d), (b, nk, dv))]
+    w = torch.randn(2 * d, generator=gen).cuda() if form == "concatenation" else None
+    mask = torch.zeros(b, nk, dtype=torch.bool, device="cuda")
+    mask[1, 150:] = True
+    kw = dict(pairwise=form, concat_weight=w, key_padding_mask=mask)
+    ref = nonlocal_attention(*(x.double() for x in t), backend="explicit", **kw)
+    y = nonlocal_attention(*t, **kw)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.float16):
+        y16 = nonlocal_attention(*(x * 4 for x in t), **kw)
+    assert torch.isfinite(y16).all()
+
+
+def test_concatenation_custom_backward_equals_autograd_path():
+    """The eager Function's hand-written backward equals autograd through the traced path."""
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(2, 40, generator=gen, dtype=F64, requires_grad=True)
+    b = torch.randn(2, 30, generator=gen, dtype=F64, requires_grad=True)
+    g = torch.randn(2, 30, 5, generator=gen, dtype=F64, requires_grad=True)
+    mask = make_mask(nk=30)
+    n = (~mask).sum(1).to(F64).view(-1, 1, 1)
+    dy = torch.randn(2, 40, 5, generator=gen, dtype=F64)
+    outs = []
+    for fn in (fast_mod._ConcatPrefixSums.apply, fast_mod._concat_prefix_sums):
+        y = fn(a, b, g, n, mask, F64)
+        outs.append((y, *torch.autograd.grad(y, (a, b, g), dy)))
+    for x, r in zip(*outs):
+        torch.testing.assert_close(x, r, rtol=1e-12, atol=1e-12)
+    assert outs[0][1].abs().sum() > 0 and outs[0][3][1, 3:].abs().sum() == 0  # padded: no grad

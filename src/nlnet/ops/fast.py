@@ -246,6 +246,121 @@ def _count_below(c: Tensor, a: Tensor) -> Tensor:
     return counts[:, :nq]
 
 
+def _sort_keys(
+    a: Tensor, b: Tensor, key_padding_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys by descending b (padding last), and kᵢ = #{j : aᵢ + bⱼ > 0}."""
+    sort_key = -b.detach()  # ascending in -b  <=>  descending in b
+    if key_padding_mask is not None:
+        # Padded keys sort last: +inf never satisfies c < a.
+        sort_key = sort_key.masked_fill(key_padding_mask, float("inf"))
+    c_sorted, order = torch.sort(sort_key, dim=1)
+    # kᵢ = #{j : bⱼ > -aᵢ} = #{j : cⱼ < aᵢ} with c = -b sorted ascending.
+    return order, _count_below(c_sorted, a.detach()), c_sorted
+
+
+def _sorted_values(
+    g: Tensor, b: Tensor, order: Tensor, key_padding_mask: Tensor | None, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """g and b in the sorted key order, in the accumulation dtype, padded keys zeroed."""
+    g_acc, b_acc = g.to(acc), b.to(acc)
+    if key_padding_mask is not None:
+        g_acc = g_acc.masked_fill(key_padding_mask[:, :, None], 0.0)
+        b_acc = b_acc.masked_fill(key_padding_mask, 0.0)
+    g_sorted = torch.gather(g_acc, 1, order[:, :, None].expand_as(g_acc))
+    return g_sorted, torch.gather(b_acc, 1, order)
+
+
+def _concat_prefix_sums(
+    a: Tensor,
+    b: Tensor,
+    g: Tensor,
+    n: Tensor,
+    key_padding_mask: Tensor | None,
+    acc: torch.dtype,
+) -> Tensor:
+    """yᵢ = (aᵢ·G[kᵢ] + BG[kᵢ]) / N, differentiable through autograd (tracing, inference)."""
+    order, k, _ = _sort_keys(a, b, key_padding_mask)
+    g_sorted, b_sorted = _sorted_values(g, b, order, key_padding_mask, acc)
+    # Prefix sums with a leading zero row: G[k] = Σ_{r<k} g_(r).
+    zeros = g_sorted.new_zeros(g_sorted.shape[0], 1, g_sorted.shape[2])
+    prefix_g = torch.cat([zeros, torch.cumsum(g_sorted, dim=1)], dim=1)
+    prefix_bg = torch.cat([zeros, torch.cumsum(b_sorted[:, :, None] * g_sorted, dim=1)], dim=1)
+    idx = k[:, :, None].expand(-1, -1, g_sorted.shape[2])
+    y = a.to(acc)[:, :, None] * torch.gather(prefix_g, 1, idx) + torch.gather(prefix_bg, 1, idx)
+    return y / n.to(acc)
+
+
+class _ConcatPrefixSums(torch.autograd.Function):
+    """Eq. (5) by prefix sums with an O(N·dv)-memory backward (eager mode, gradients needed).
+
+    With keys sorted by descending b and kᵢ the number of keys with aᵢ + bⱼ > 0:
+    yᵢ = (aᵢ·G[kᵢ] + BG[kᵢ]) / N.  Key r (sorted) receives the queries with kᵢ > r, so with
+    S₀[r] = Σ_{kᵢ>r} dyᵢ and S₁[r] = Σ_{kᵢ>r} aᵢ·dyᵢ (suffix sums of per-k bins):
+    ∂/∂aᵢ = dyᵢ·G[kᵢ] / N,  ∂/∂g_r = (S₁[r] + b_r·S₀[r]) / N,  ∂/∂b_r = S₀[r]·g_r / N.
+    Only a, b, g, the sort order and k are saved; everything else is recomputed.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        a: Tensor,
+        b: Tensor,
+        g: Tensor,
+        n: Tensor,
+        key_padding_mask: Tensor | None,
+        acc: torch.dtype,
+    ) -> Tensor:
+        order, k, _ = _sort_keys(a, b, key_padding_mask)
+        g_sorted, b_sorted = _sorted_values(g, b, order, key_padding_mask, acc)
+        # In place, to keep the peak at a few (B, N, dv) buffers: BG, then G over g_sorted.
+        prefix_bg = (b_sorted[:, :, None] * g_sorted).cumsum_(dim=1)
+        prefix_g = g_sorted.cumsum_(dim=1)
+        idx = (k - 1).clamp_min(0)[:, :, None].expand(-1, -1, prefix_g.shape[2])
+        y = torch.gather(prefix_g, 1, idx).mul_(a.to(acc)[:, :, None])
+        y.add_(torch.gather(prefix_bg, 1, idx))
+        y.masked_fill_((k == 0)[:, :, None], 0.0)  # no key with aᵢ + bⱼ > 0
+        y.div_(n.to(acc))
+        ctx.save_for_backward(a, b, g, n, order, k, key_padding_mask)
+        ctx.acc = acc
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        a, b, g, n, order, k, key_padding_mask = ctx.saved_tensors
+        acc: torch.dtype = ctx.acc
+        bsz, nk, dv = g.shape
+        dy = grad_y.to(acc) / n.to(acc)
+        g_sorted, b_sorted = _sorted_values(g, b, order, key_padding_mask, acc)
+        # ∂/∂aᵢ = dyᵢ·G[kᵢ]
+        idx = (k - 1).clamp_min(0)[:, :, None].expand(-1, -1, dv)
+        g_at_k = torch.gather(torch.cumsum(g_sorted, dim=1), 1, idx)
+        g_at_k.masked_fill_((k == 0)[:, :, None], 0.0)
+        grad_a = torch.linalg.vecdot(g_at_k, dy)
+        del g_at_k
+        # Bins by kᵢ, then S[r] = Σ_{s>r} bin[s] = total − Σ_{s≤r} bin[s].
+        kidx = k[:, :, None].expand(-1, -1, dv)
+        s0 = dy.new_zeros(bsz, nk + 1, dv).scatter_add_(1, kidx, dy).cumsum_(dim=1)
+        s0 = s0[:, -1:] - s0[:, :nk]
+        s1 = dy.new_zeros(bsz, nk + 1, dv).scatter_add_(1, kidx, dy.mul_(a.to(acc)[:, :, None]))
+        s1 = s1.cumsum_(dim=1)
+        s1 = s1[:, -1:] - s1[:, :nk]
+        grad_b_sorted = torch.linalg.vecdot(s0, g_sorted)
+        grad_g_sorted = s1.add_(s0.mul_(b_sorted[:, :, None]))
+        del s0, g_sorted
+        grad_g = torch.empty_like(grad_g_sorted).scatter_(
+            1, order[:, :, None].expand(-1, -1, dv), grad_g_sorted
+        )
+        grad_b = torch.empty_like(grad_b_sorted).scatter_(1, order, grad_b_sorted)
+        if key_padding_mask is not None:  # padded keys were zeroed: no gradient
+            grad_g.masked_fill_(key_padding_mask[:, :, None], 0.0)
+            grad_b.masked_fill_(key_padding_mask, 0.0)
+        return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_g.to(g.dtype), None, None, None
+
+
 def concatenation_attention(
     theta: Tensor,
     phi: Tensor,
@@ -273,24 +388,13 @@ def concatenation_attention(
         else:
             m = (b.detach() * valid).sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True)
         a, b = a + m, b - m
-        g_acc = g_w.to(acc)
-        b_acc = b.to(acc)
-        sort_key = -b.detach()  # ascending in -b  <=>  descending in b
-        if key_padding_mask is not None:
-            # Padded keys sort last (+inf never satisfies c < a) and contribute zeros.
-            sort_key = sort_key.masked_fill(key_padding_mask, float("inf"))
-            g_acc = g_acc.masked_fill(key_padding_mask[:, :, None], 0.0)
-            b_acc = b_acc.masked_fill(key_padding_mask, 0.0)
-        c_sorted, order = torch.sort(sort_key, dim=1)
-        g_sorted = torch.gather(g_acc, 1, order[:, :, None].expand_as(g_acc))
-        b_sorted = torch.gather(b_acc, 1, order)
-        # Prefix sums with a leading zero row: G[k] = Σ_{r<k} g_(r).
-        zeros = g_sorted.new_zeros(g_sorted.shape[0], 1, g_sorted.shape[2])
-        prefix_g = torch.cat([zeros, torch.cumsum(g_sorted, dim=1)], dim=1)
-        prefix_bg = torch.cat([zeros, torch.cumsum(b_sorted[:, :, None] * g_sorted, dim=1)], dim=1)
-        # kᵢ = #{j : bⱼ > -aᵢ} = #{j : cⱼ < aᵢ} with c = -b sorted ascending.
-        k = _count_below(c_sorted, a.detach())
-        idx = k[:, :, None].expand(-1, -1, g_sorted.shape[2])
-        y = a.to(acc)[:, :, None] * torch.gather(prefix_g, 1, idx) + torch.gather(prefix_bg, 1, idx)
-        y = y / valid_key_count(key_padding_mask, nk, y)
+        n = valid_key_count(key_padding_mask, nk, a)
+        needs_grad = torch.is_grad_enabled() and (
+            a.requires_grad or b.requires_grad or g_w.requires_grad
+        )
+        if needs_grad and not is_tracing():
+            # Eager training: a hand-written backward that keeps only O(N) tensors.
+            y = _ConcatPrefixSums.apply(a, b, g_w, n, key_padding_mask, acc)
+        else:
+            y = _concat_prefix_sums(a, b, g_w, n, key_padding_mask, acc)
     return y.to(out_dtype)
