@@ -352,8 +352,10 @@ def test_cuda_matches_explicit_and_autocast(form):
     assert torch.isfinite(y16).all()
 
 
-def test_concatenation_custom_backward_equals_autograd_path():
+@pytest.mark.parametrize("chunk", [32, 2])
+def test_concatenation_custom_backward_equals_autograd_path(chunk, monkeypatch):
     """The eager Function's hand-written backward equals autograd through the traced path."""
+    monkeypatch.setattr(fast_mod, "CONCAT_CHANNEL_CHUNK", chunk)  # 2: several channel passes
     gen = torch.Generator().manual_seed(11)
     a = torch.randn(2, 40, generator=gen, dtype=F64, requires_grad=True)
     b = torch.randn(2, 30, generator=gen, dtype=F64, requires_grad=True)

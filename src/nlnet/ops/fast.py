@@ -291,6 +291,21 @@ def _concat_prefix_sums(
     return y / n.to(acc)
 
 
+# Channels of g per pass of the concatenation Function: its float64 (B, N, chunk) work buffers
+# stay a fraction of one float32 (B, N, dv) tensor.
+CONCAT_CHANNEL_CHUNK = 32
+
+
+def _sorted_chunk(
+    g: Tensor, order: Tensor, key_padding_mask: Tensor | None, acc: torch.dtype, c0: int, c1: int
+) -> Tensor:
+    """Channels c0:c1 of g in the sorted key order, in the accumulation dtype, padding zeroed."""
+    gc = g[:, :, c0:c1].to(acc)
+    if key_padding_mask is not None:
+        gc = gc.masked_fill(key_padding_mask[:, :, None], 0.0)
+    return torch.gather(gc, 1, order[:, :, None].expand(-1, -1, c1 - c0))
+
+
 class _ConcatPrefixSums(torch.autograd.Function):
     """Eq. (5) by prefix sums with an O(N·dv)-memory backward (eager mode, gradients needed).
 
@@ -298,7 +313,8 @@ class _ConcatPrefixSums(torch.autograd.Function):
     yᵢ = (aᵢ·G[kᵢ] + BG[kᵢ]) / N.  Key r (sorted) receives the queries with kᵢ > r, so with
     S₀[r] = Σ_{kᵢ>r} dyᵢ and S₁[r] = Σ_{kᵢ>r} aᵢ·dyᵢ (suffix sums of per-k bins):
     ∂/∂aᵢ = dyᵢ·G[kᵢ] / N,  ∂/∂g_r = (S₁[r] + b_r·S₀[r]) / N,  ∂/∂b_r = S₀[r]·g_r / N.
-    Only a, b, g, the sort order and k are saved; everything else is recomputed.
+    Only a, b, g, the sort order and k are saved; the sums are recomputed, a few channels at a
+    time, in float64.
     """
 
     @staticmethod
@@ -312,15 +328,23 @@ class _ConcatPrefixSums(torch.autograd.Function):
         acc: torch.dtype,
     ) -> Tensor:
         order, k, _ = _sort_keys(a, b, key_padding_mask)
-        g_sorted, b_sorted = _sorted_values(g, b, order, key_padding_mask, acc)
-        # In place, to keep the peak at a few (B, N, dv) buffers: BG, then G over g_sorted.
-        prefix_bg = (b_sorted[:, :, None] * g_sorted).cumsum_(dim=1)
-        prefix_g = g_sorted.cumsum_(dim=1)
-        idx = (k - 1).clamp_min(0)[:, :, None].expand(-1, -1, prefix_g.shape[2])
-        y = torch.gather(prefix_g, 1, idx).mul_(a.to(acc)[:, :, None])
-        y.add_(torch.gather(prefix_bg, 1, idx))
-        y.masked_fill_((k == 0)[:, :, None], 0.0)  # no key with aᵢ + bⱼ > 0
-        y.div_(n.to(acc))
+        b_acc = b.to(acc)
+        if key_padding_mask is not None:
+            b_acc = b_acc.masked_fill(key_padding_mask, 0.0)
+        b_sorted = torch.gather(b_acc, 1, order)[:, :, None]
+        a_acc, n_acc = a.to(acc)[:, :, None], n.to(acc)
+        empty = (k == 0)[:, :, None]  # no key with aᵢ + bⱼ > 0
+        kk = (k - 1).clamp_min(0)[:, :, None]
+        bsz, nq, dv = g.shape[0], a.shape[1], g.shape[2]
+        y = g.new_empty(bsz, nq, dv)
+        for c0 in range(0, dv, CONCAT_CHANNEL_CHUNK):
+            c1 = min(c0 + CONCAT_CHANNEL_CHUNK, dv)
+            g_sorted = _sorted_chunk(g, order, key_padding_mask, acc, c0, c1)
+            prefix_bg = (b_sorted * g_sorted).cumsum_(dim=1)
+            prefix_g = g_sorted.cumsum_(dim=1)
+            idx = kk.expand(-1, -1, c1 - c0)
+            yc = torch.gather(prefix_g, 1, idx).mul_(a_acc).add_(torch.gather(prefix_bg, 1, idx))
+            y[:, :, c0:c1] = yc.masked_fill_(empty, 0.0).div_(n_acc)
         ctx.save_for_backward(a, b, g, n, order, k, key_padding_mask)
         ctx.acc = acc
         return y
@@ -333,32 +357,43 @@ class _ConcatPrefixSums(torch.autograd.Function):
         a, b, g, n, order, k, key_padding_mask = ctx.saved_tensors
         acc: torch.dtype = ctx.acc
         bsz, nk, dv = g.shape
-        dy = grad_y.to(acc) / n.to(acc)
-        g_sorted, b_sorted = _sorted_values(g, b, order, key_padding_mask, acc)
-        # ∂/∂aᵢ = dyᵢ·G[kᵢ]
-        idx = (k - 1).clamp_min(0)[:, :, None].expand(-1, -1, dv)
-        g_at_k = torch.gather(torch.cumsum(g_sorted, dim=1), 1, idx)
-        g_at_k.masked_fill_((k == 0)[:, :, None], 0.0)
-        grad_a = torch.linalg.vecdot(g_at_k, dy)
-        del g_at_k
-        # Bins by kᵢ, then S[r] = Σ_{s>r} bin[s] = total − Σ_{s≤r} bin[s].
-        kidx = k[:, :, None].expand(-1, -1, dv)
-        s0 = dy.new_zeros(bsz, nk + 1, dv).scatter_add_(1, kidx, dy).cumsum_(dim=1)
-        s0 = s0[:, -1:] - s0[:, :nk]
-        s1 = dy.new_zeros(bsz, nk + 1, dv).scatter_add_(1, kidx, dy.mul_(a.to(acc)[:, :, None]))
-        s1 = s1.cumsum_(dim=1)
-        s1 = s1[:, -1:] - s1[:, :nk]
-        grad_b_sorted = torch.linalg.vecdot(s0, g_sorted)
-        grad_g_sorted = s1.add_(s0.mul_(b_sorted[:, :, None]))
-        del s0, g_sorted
-        grad_g = torch.empty_like(grad_g_sorted).scatter_(
-            1, order[:, :, None].expand(-1, -1, dv), grad_g_sorted
-        )
+        b_acc = b.to(acc)
+        if key_padding_mask is not None:
+            b_acc = b_acc.masked_fill(key_padding_mask, 0.0)
+        b_sorted = torch.gather(b_acc, 1, order)[:, :, None]
+        a_acc, n_acc = a.to(acc)[:, :, None], n.to(acc)
+        empty = (k == 0)[:, :, None]
+        kk = (k - 1).clamp_min(0)[:, :, None]
+        grad_a = a_acc.new_zeros(a.shape)
+        grad_b_sorted = a_acc.new_zeros(b.shape)
+        grad_g = torch.empty_like(g)
+        for c0 in range(0, dv, CONCAT_CHANNEL_CHUNK):
+            c1 = min(c0 + CONCAT_CHANNEL_CHUNK, dv)
+            width = c1 - c0
+            dy = grad_y[:, :, c0:c1].to(acc) / n_acc  # a new tensor: modified in place below
+            g_sorted = _sorted_chunk(g, order, key_padding_mask, acc, c0, c1)
+            # ∂/∂aᵢ = dyᵢ·G[kᵢ]
+            g_at_k = torch.gather(torch.cumsum(g_sorted, dim=1), 1, kk.expand(-1, -1, width))
+            grad_a += torch.linalg.vecdot(g_at_k.masked_fill_(empty, 0.0), dy)
+            del g_at_k
+            # Bins by kᵢ, then S[r] = Σ_{s>r} bin[s] = total − Σ_{s≤r} bin[s].
+            kidx = k[:, :, None].expand(-1, -1, width)
+            s0 = dy.new_zeros(bsz, nk + 1, width).scatter_add_(1, kidx, dy).cumsum_(dim=1)
+            s0 = s0[:, -1:] - s0[:, :nk]
+            s1 = dy.new_zeros(bsz, nk + 1, width).scatter_add_(1, kidx, dy.mul_(a_acc))
+            s1 = s1.cumsum_(dim=1)
+            s1 = s1[:, -1:] - s1[:, :nk]
+            grad_b_sorted += torch.linalg.vecdot(s0, g_sorted)
+            grad_g_sorted = s1.add_(s0.mul_(b_sorted))
+            del s0, g_sorted
+            grad_g[:, :, c0:c1] = torch.empty_like(grad_g_sorted).scatter_(
+                1, order[:, :, None].expand(-1, -1, width), grad_g_sorted
+            )
         grad_b = torch.empty_like(grad_b_sorted).scatter_(1, order, grad_b_sorted)
         if key_padding_mask is not None:  # padded keys were zeroed: no gradient
             grad_g.masked_fill_(key_padding_mask[:, :, None], 0.0)
             grad_b.masked_fill_(key_padding_mask, 0.0)
-        return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_g.to(g.dtype), None, None, None
+        return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_g, None, None, None
 
 
 def concatenation_attention(
