@@ -291,9 +291,17 @@ def _concat_prefix_sums(
     return y / n.to(acc)
 
 
-# Channels of g per pass of the concatenation Function: its float64 (B, N, chunk) work buffers
-# stay a fraction of one float32 (B, N, dv) tensor.
-CONCAT_CHANNEL_CHUNK = 32
+# Elements of one float64 (B, N, chunk) work buffer of the concatenation Function (8 MiB): it
+# goes over g's channels in chunks so that its buffers stay a fraction of the (B, N, dv) tensors,
+# in few enough passes that per-op overhead stays small.  None: chunk from this budget.
+CONCAT_BUFFER_ELEMENTS = 1 << 20
+CONCAT_CHANNEL_CHUNK: int | None = None
+
+
+def _channel_chunk(batch: int, n: int) -> int:
+    if CONCAT_CHANNEL_CHUNK is not None:
+        return CONCAT_CHANNEL_CHUNK
+    return max(16, CONCAT_BUFFER_ELEMENTS // max(1, batch * n))
 
 
 def _sorted_chunk(
@@ -337,8 +345,9 @@ class _ConcatPrefixSums(torch.autograd.Function):
         kk = (k - 1).clamp_min(0)[:, :, None]
         bsz, nq, dv = g.shape[0], a.shape[1], g.shape[2]
         y = g.new_empty(bsz, nq, dv)
-        for c0 in range(0, dv, CONCAT_CHANNEL_CHUNK):
-            c1 = min(c0 + CONCAT_CHANNEL_CHUNK, dv)
+        chunk = _channel_chunk(bsz, max(nq, g.shape[1]))
+        for c0 in range(0, dv, chunk):
+            c1 = min(c0 + chunk, dv)
             g_sorted = _sorted_chunk(g, order, key_padding_mask, acc, c0, c1)
             prefix_bg = (b_sorted * g_sorted).cumsum_(dim=1)
             prefix_g = g_sorted.cumsum_(dim=1)
@@ -367,8 +376,9 @@ class _ConcatPrefixSums(torch.autograd.Function):
         grad_a = a_acc.new_zeros(a.shape)
         grad_b_sorted = a_acc.new_zeros(b.shape)
         grad_g = torch.empty_like(g)
-        for c0 in range(0, dv, CONCAT_CHANNEL_CHUNK):
-            c1 = min(c0 + CONCAT_CHANNEL_CHUNK, dv)
+        chunk = _channel_chunk(bsz, max(a.shape[1], nk))
+        for c0 in range(0, dv, chunk):
+            c1 = min(c0 + chunk, dv)
             width = c1 - c0
             dy = grad_y[:, :, c0:c1].to(acc) / n_acc  # a new tensor: modified in place below
             g_sorted = _sorted_chunk(g, order, key_padding_mask, acc, c0, c1)
