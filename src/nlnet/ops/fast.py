@@ -9,7 +9,8 @@
 * Concatenation (Eq. 5): w_fᵀ[θᵢ, φⱼ] = aᵢ + bⱼ.  With the keys sorted by bⱼ (descending), the keys
   where aᵢ + bⱼ > 0 are a prefix of that order whose length kᵢ one merged sort finds, so
   Σⱼ ReLU(aᵢ + bⱼ) gⱼ = aᵢ·G[kᵢ] + BG[kᵢ] with G, BG the prefix sums of g and b·g.
-  O(N log N + N·dv), differentiable through autograd (sort and search only produce indices).
+  O(N log N + N·dv), differentiable through autograd (sort and search only produce indices);
+  in eager training a custom autograd Function gives the same gradients with O(N·dv) memory.
 """
 
 from __future__ import annotations
