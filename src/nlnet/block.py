@@ -258,12 +258,25 @@ class NonLocalBlock(nn.Module):
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dim - 1]
         return pool(t, kernel_size=self.subsample, stride=self.subsample)
 
+    def _pool_keys(self, t: Tensor, mask: Tensor | None) -> Tensor:
+        """Sub-sample the key/value side (x̂ of §3.3) so that padding never wins a max.
+
+        Padded positions are set to -inf before the max-pool, so a pooled cell sees only real
+        positions; cells made of padding alone (masked by :meth:`_pool_mask`) are set to 0.
+        """
+        if self.subsample is None:
+            return t
+        if mask is None:
+            return self._pool(t)
+        pooled = self._pool(t.masked_fill(mask[:, None], float("-inf")))
+        return pooled.masked_fill(self._pool_mask(mask)[:, None], 0.0)
+
     def _pool_mask(self, mask: Tensor) -> Tensor:
-        """A pooled key is padding when any position it pools from is padding."""
+        """A pooled key is padding when every position it pools from is padding."""
         if self.subsample is None:
             return mask
-        pooled = self._pool(mask[:, None].to(torch.float32))[:, 0]
-        return pooled > 0
+        valid = self._pool((~mask)[:, None].to(torch.float32))[:, 0]
+        return valid == 0
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> None:
         if not isinstance(x, Tensor):
@@ -311,16 +324,21 @@ class NonLocalBlock(nn.Module):
                 ``spacetime`` (B·T/k with ``temporal_groups=k``), B·T for ``space``, B·H·W for
                 ``time``; queries and (sub-sampled) keys in row-major (T, H, W) order.
             key_padding_mask: optional (B, *spatial) bool, True where x is padding (e.g. a padded
-                detection batch).  Padded positions are excluded from the keys.
+                detection batch).  Padded positions are excluded from the keys: they never win
+                a sub-sampling max, and a pooled key made only of padding is masked.  Outputs at
+                padded query positions are computed but meaningless (a query whose every key
+                is padding, e.g. a padded location with ``extent='time'``, attends to those
+                keys unmasked).
         """
         self._check_input(x, key_padding_mask)
-        if self.pool_before_conv:
-            kv = self._pool(x)
+        m = key_padding_mask
+        if self.pool_before_conv:  # the original code: x̂ = pool(x), then φ(x̂), g(x̂)
+            kv = self._pool_keys(x, m)
             phi = kv if self.pairwise == "gaussian" else self.phi(kv)
             g = self.g(kv)
-        else:
-            phi = self._pool(x) if self.pairwise == "gaussian" else self._pool(self.phi(x))
-            g = self._pool(self.g(x))
+        else:  # the paper's text: pool(φ(x)), pool(g(x))
+            phi = self._pool_keys(x if self.pairwise == "gaussian" else self.phi(x), m)
+            g = self._pool_keys(self.g(x), m)
         theta = x if self.pairwise == "gaussian" else self.theta(x)
 
         layout = _Layout(self.extent, self.temporal_groups)
@@ -336,6 +354,10 @@ class NonLocalBlock(nn.Module):
             mask = layout.keys(
                 _mask5d(self._pool_mask(key_padding_mask), self.dim), query_hw, pool3
             )
+            # With extent space/time/groups a row of keys can be all padding (e.g. a padded
+            # location for 'time'); its queries are padding too, so let them see those keys
+            # rather than divide by zero.  Tensor ops only: no host sync, traceable.
+            mask = mask & ~mask.all(dim=1, keepdim=True)
         result = nonlocal_attention(
             q,
             k,

@@ -12,7 +12,12 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from nlnet.ops.fast import concatenation_attention, dot_product_attention, softmax_attention
+from nlnet.ops.fast import (
+    concatenation_attention,
+    dot_product_attention,
+    is_tracing,
+    softmax_attention,
+)
 from nlnet.ops.pairwise import (
     PAIRWISE_FUNCTIONS,
     SOFTMAX_FORMS,
@@ -91,7 +96,7 @@ def _validate(
                 f"key_padding_mask must have shape (B, Nk) = {(b, phi.shape[1])}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-        if not torch.compiler.is_compiling() and bool(key_padding_mask.all(dim=1).any()):
+        if not is_tracing() and bool(key_padding_mask.all(dim=1).any()):
             raise ValueError("key_padding_mask masks every key of some batch element")
 
 

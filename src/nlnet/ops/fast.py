@@ -1,13 +1,16 @@
 """Exact non-local operation without the (Nq × Nk) matrix (``backend="auto"``).
 
 * Softmax forms (Eq. 2–3): PyTorch's fused ``scaled_dot_product_attention`` (flash /
-  memory-efficient kernels on CPU and CUDA), which never materialises the affinity.
+  memory-efficient kernels on CPU and CUDA), which never materialises the affinity; on CPU, when
+  gradients are needed, a FlashAttention-style autograd Function whose backward recomputes the
+  affinity in query blocks with plain matmuls (the fused kernel's CPU backward is slow).
 * Dot product (Eq. 4): matrix products are associative, so (θφᵀ/N)·g = θ·(φᵀg)/N.  That is
   O(N·d·dv) instead of O(Nq·Nk·d) and needs only a d × dv intermediate.
 * Concatenation (Eq. 5): w_fᵀ[θᵢ, φⱼ] = aᵢ + bⱼ.  With the keys sorted by bⱼ (descending), the keys
-  where aᵢ + bⱼ > 0 are a prefix of that order whose length kᵢ a binary search finds, so
+  where aᵢ + bⱼ > 0 are a prefix of that order whose length kᵢ one merged sort finds, so
   Σⱼ ReLU(aᵢ + bⱼ) gⱼ = aᵢ·G[kᵢ] + BG[kᵢ] with G, BG the prefix sums of g and b·g.
-  O(N log N + N·dv), differentiable through autograd (sort and search only produce indices).
+  O(N log N + N·dv), differentiable through autograd (sort and search only produce indices);
+  in eager training a custom autograd Function gives the same gradients with O(N·dv) memory.
 """
 
 from __future__ import annotations
@@ -15,12 +18,150 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from nlnet.ops.pairwise import concat_projections, valid_key_count, widen
 
 
-def _autocast_off(t: Tensor):
+def _autocast_off(t: Tensor) -> torch.autocast:
     return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def is_tracing() -> bool:
+    """True while torch.compile / torch.export / ONNX / TorchScript trace the code.
+
+    Tracers see only the plain SDPA path (fused kernels, export-friendly); the hand-written
+    autograd Function below is an eager-mode optimisation.
+    """
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+    )
+
+
+# Elements of one (B, nb, Nk) tile of the affinity in the blocked CPU kernels: 2 Mi float32 is
+# 8 MiB per buffer, large enough for matmuls near peak and small against the Nq × Nk matrix.
+TILE_ELEMENTS = 1 << 21
+
+
+def query_block(batch: int, nq: int, nk: int, tile_elements: int | None = None) -> int:
+    """Rows per query block so that one (batch, nb, Nk) tile holds about ``tile_elements``."""
+    budget = TILE_ELEMENTS if tile_elements is None else tile_elements
+    return max(1, min(nq, budget // max(1, batch * nk)))
+
+
+def _mask_bias(key_padding_mask: Tensor | None, like: Tensor) -> Tensor | None:
+    """(B, Nk) bool padding mask → (B, 1, Nk) additive bias: 0 for keys, -inf for padding."""
+    if key_padding_mask is None:
+        return None
+    bias = torch.zeros(key_padding_mask.shape, dtype=like.dtype, device=like.device)
+    return bias.masked_fill(key_padding_mask, float("-inf"))[:, None, :]
+
+
+def _blocked_softmax_forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """softmax(scale·QKᵀ + bias)·V and its row log-sum-exp, one block of queries at a time.
+
+    Only a (B, nb, Nk) tile of the affinity exists at once; rows are normalised with their own
+    maximum, so exp never overflows.
+    """
+    b, nq, _ = q.shape
+    nk = k.shape[1]
+    out = q.new_empty(b, nq, v.shape[2])
+    lse = q.new_empty(b, nq)
+    k_t = k.transpose(1, 2)
+    nb = query_block(b, nq, nk)
+    for i0 in range(0, nq, nb):
+        i1 = min(i0 + nb, nq)
+        s = torch.bmm(q[:, i0:i1], k_t).mul_(scale)
+        if bias is not None:
+            s.add_(bias)
+        m = s.amax(dim=-1, keepdim=True)
+        p = s.sub_(m).exp_()
+        denom = p.sum(dim=-1, keepdim=True)
+        torch.bmm(p, v, out=out[:, i0:i1])
+        out[:, i0:i1].div_(denom)
+        lse[:, i0:i1] = (m + denom.log()).squeeze(-1)
+    return out, lse
+
+
+class _SoftmaxAttentionCPU(torch.autograd.Function):
+    """softmax(scale·θφᵀ)·g (Eq. 2–3) with a memory-frugal, matmul-speed backward for CPUs.
+
+    Forward: the fused flash kernel when d = dv (it returns the row log-sum-exp L), else a blocked
+    matmul forward.  Only (θ, φ, g, y, L) are saved.  Backward recomputes the affinity one query
+    block at a time with plain matmuls (the FlashAttention recurrence):
+    P = exp(s·QKᵀ − L), dP = dY·Vᵀ, dS = P∘(dP − D) with D = rowsum(dY∘Y), then
+    dQ = s·dS·K, dK += s·dSᵀ·Q, dV += Pᵀ·dY.  On this CPU it is ~1.3× faster than the fused
+    kernel's own backward and exact (float64 gradcheck in the tests).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: float,
+        bias: Tensor | None,
+    ) -> Tensor:
+        # The fused CPU kernel mis-handles some strided inputs (e.g. the block's transposed
+        # (B, C, N) views) in torch 2.14; contiguous copies cost O(N·d) and keep it exact.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        with _autocast_off(q):
+            if q.shape[-1] == v.shape[-1]:
+                mask4 = None if bias is None else bias[:, None]
+                out4, lse4 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q[:, None], k[:, None], v[:, None], attn_mask=mask4, scale=scale
+                )
+                out, lse = out4[:, 0], lse4[:, 0]
+            else:
+                out, lse = _blocked_softmax_forward(q, k, v, scale, bias)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        scale: float = ctx.scale
+        with _autocast_off(q):
+            grad_out = grad_out.contiguous()
+            b, nq, _ = q.shape
+            nk = k.shape[1]
+            dq = torch.empty_like(q)
+            dk = torch.zeros_like(k)
+            dv = torch.zeros_like(v)
+            delta = (grad_out * out).sum(dim=-1, keepdim=True)  # D_i = Σ_c dY_ic Y_ic
+            neg_lse = -lse[:, :, None]
+            k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
+            nb = query_block(b, nq, nk)
+            for i0 in range(0, nq, nb):
+                i1 = min(i0 + nb, nq)
+                qb, dyb = q[:, i0:i1], grad_out[:, i0:i1]
+                # P = exp(s·QKᵀ + bias − L): the forward's softmax, recomputed for this block.
+                p = torch.baddbmm(neg_lse[:, i0:i1], qb, k_t, alpha=scale)
+                if bias is not None:
+                    p.add_(bias)
+                p.exp_()
+                # dS = P ∘ (dY·Vᵀ − D); the subtraction rides on the matmul (beta = −1).
+                ds = torch.baddbmm(delta[:, i0:i1], dyb, v_t, beta=-1).mul_(p)
+                torch.bmm(ds, k, out=dq[:, i0:i1])
+                dk.baddbmm_(ds.transpose(1, 2), qb)
+                dv.baddbmm_(p.transpose(1, 2), dyb)
+            dq.mul_(scale)
+            dk.mul_(scale)
+        return dq, dk, dv, None, None
+
+
+def _pad_last(t: Tensor, size: int) -> Tensor:
+    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
 
 
 def softmax_attention(
@@ -31,17 +172,44 @@ def softmax_attention(
     scale: float,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """softmax(scale·θφᵀ)·g (Eq. 2–3) with the fused kernel; padded keys are excluded."""
+    """softmax(scale·θφᵀ)·g (Eq. 2–3) without the Nq × Nk matrix; padded keys are excluded.
+
+    * CPU, eager, gradients needed (float32/64), or d ≠ dv: :class:`_SoftmaxAttentionCPU` /
+      the blocked forward (the fused CPU kernel needs d = dv and its backward is slow here).
+    * Otherwise (CUDA, inference, torch.compile/export): ``scaled_dot_product_attention``, the
+      fused flash / memory-efficient kernels.  When d ≠ dv the narrower side is zero-padded,
+      which changes neither θᵢᵀφⱼ nor y.
+    """
+    dtype = torch.promote_types(torch.promote_types(theta.dtype, phi.dtype), g.dtype)
+    q, k, v = theta.to(dtype), phi.to(dtype), g.to(dtype)  # e.g. mixed inputs under autocast
+    d, dv = q.shape[-1], v.shape[-1]
+    if q.device.type == "cpu" and not is_tracing():
+        wide = dtype in (torch.float32, torch.float64)
+        needs_grad = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+        )
+        if d != dv or (needs_grad and wide):
+            out_dtype = dtype
+            if not wide:  # half inputs: compute the blocked path in float32 (no overflow)
+                q, k, v = q.float(), k.float(), v.float()
+            bias = _mask_bias(key_padding_mask, q)
+            y = _SoftmaxAttentionCPU.apply(q, k, v, scale, bias)
+            return y.to(out_dtype)
     attn_mask = None
     if key_padding_mask is not None:
         # SDPA's boolean mask is True where attention is *allowed*: (B, 1, 1, Nk) broadcasts.
         attn_mask = (~key_padding_mask)[:, None, None, :]
-    q, k, v = theta.unsqueeze(1), phi.unsqueeze(1), g.unsqueeze(1)
-    if q.dtype != v.dtype or k.dtype != v.dtype:  # e.g. mixed inputs under autocast
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return y.squeeze(1)
+    width = max(d, dv)
+    # Contiguous (B, 1, N, d) inputs: the fused kernels want them, and inductor's SDPA lowering
+    # fails on the block's transposed views under dynamic shapes (torch 2.14).
+    y = F.scaled_dot_product_attention(
+        _pad_last(q, width)[:, None].contiguous(),
+        _pad_last(k, width)[:, None].contiguous(),
+        _pad_last(v, width)[:, None].contiguous(),
+        attn_mask=attn_mask,
+        scale=scale,
+    )
+    return y[:, 0, :, :dv]
 
 
 def dot_product_attention(
@@ -64,6 +232,181 @@ def dot_product_attention(
     return y.to(g.dtype)
 
 
+def _count_below(c: Tensor, a: Tensor) -> Tensor:
+    """kᵢ = #{j : cⱼ < aᵢ} per batch row, for (B, Nk) c and (B, Nq) a.
+
+    Equivalent to ``searchsorted(sort(c), a)`` but built from a merged sort and a cumulative sum,
+    which every exporter (ONNX included) supports.  Ties (aᵢ = cⱼ, i.e. aᵢ + bⱼ = 0) may land
+    on either side: such a key contributes ReLU(0)·gⱼ = 0 either way.
+    """
+    nq = a.shape[1]
+    order = torch.sort(torch.cat([a, c], dim=1), dim=1).indices
+    is_key = (order >= nq).to(torch.int64)
+    keys_before = torch.cumsum(is_key, dim=1) - is_key
+    counts = torch.zeros_like(keys_before).scatter(1, order, keys_before)
+    return counts[:, :nq]
+
+
+def _sort_keys(
+    a: Tensor, b: Tensor, key_padding_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys by descending b (padding last), and kᵢ = #{j : aᵢ + bⱼ > 0}."""
+    sort_key = -b.detach()  # ascending in -b  <=>  descending in b
+    if key_padding_mask is not None:
+        # Padded keys sort last: +inf never satisfies c < a.
+        sort_key = sort_key.masked_fill(key_padding_mask, float("inf"))
+    c_sorted, order = torch.sort(sort_key, dim=1)
+    # kᵢ = #{j : bⱼ > -aᵢ} = #{j : cⱼ < aᵢ} with c = -b sorted ascending.
+    return order, _count_below(c_sorted, a.detach()), c_sorted
+
+
+def _sorted_values(
+    g: Tensor, b: Tensor, order: Tensor, key_padding_mask: Tensor | None, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """g and b in the sorted key order, in the accumulation dtype, padded keys zeroed."""
+    g_acc, b_acc = g.to(acc), b.to(acc)
+    if key_padding_mask is not None:
+        g_acc = g_acc.masked_fill(key_padding_mask[:, :, None], 0.0)
+        b_acc = b_acc.masked_fill(key_padding_mask, 0.0)
+    g_sorted = torch.gather(g_acc, 1, order[:, :, None].expand_as(g_acc))
+    return g_sorted, torch.gather(b_acc, 1, order)
+
+
+def _concat_prefix_sums(
+    a: Tensor,
+    b: Tensor,
+    g: Tensor,
+    n: Tensor,
+    key_padding_mask: Tensor | None,
+    acc: torch.dtype,
+) -> Tensor:
+    """yᵢ = (aᵢ·G[kᵢ] + BG[kᵢ]) / N, differentiable through autograd (tracing, inference)."""
+    order, k, _ = _sort_keys(a, b, key_padding_mask)
+    g_sorted, b_sorted = _sorted_values(g, b, order, key_padding_mask, acc)
+    # Prefix sums with a leading zero row: G[k] = Σ_{r<k} g_(r).
+    zeros = g_sorted.new_zeros(g_sorted.shape[0], 1, g_sorted.shape[2])
+    prefix_g = torch.cat([zeros, torch.cumsum(g_sorted, dim=1)], dim=1)
+    prefix_bg = torch.cat([zeros, torch.cumsum(b_sorted[:, :, None] * g_sorted, dim=1)], dim=1)
+    idx = k[:, :, None].expand(-1, -1, g_sorted.shape[2])
+    y = a.to(acc)[:, :, None] * torch.gather(prefix_g, 1, idx) + torch.gather(prefix_bg, 1, idx)
+    return y / n.to(acc)
+
+
+# Elements of one float64 (B, N, chunk) work buffer of the concatenation Function (8 MiB): it
+# goes over g's channels in chunks so that its buffers stay a fraction of the (B, N, dv) tensors,
+# in few enough passes that per-op overhead stays small.  None: chunk from this budget.
+CONCAT_BUFFER_ELEMENTS = 1 << 20
+CONCAT_CHANNEL_CHUNK: int | None = None
+
+
+def _channel_chunk(batch: int, n: int) -> int:
+    if CONCAT_CHANNEL_CHUNK is not None:
+        return CONCAT_CHANNEL_CHUNK
+    return max(16, CONCAT_BUFFER_ELEMENTS // max(1, batch * n))
+
+
+def _sorted_chunk(
+    g: Tensor, order: Tensor, key_padding_mask: Tensor | None, acc: torch.dtype, c0: int, c1: int
+) -> Tensor:
+    """Channels c0:c1 of g in the sorted key order, in the accumulation dtype, padding zeroed."""
+    gc = g[:, :, c0:c1].to(acc)
+    if key_padding_mask is not None:
+        gc = gc.masked_fill(key_padding_mask[:, :, None], 0.0)
+    return torch.gather(gc, 1, order[:, :, None].expand(-1, -1, c1 - c0))
+
+
+class _ConcatPrefixSums(torch.autograd.Function):
+    """Eq. (5) by prefix sums with an O(N·dv)-memory backward (eager mode, gradients needed).
+
+    With keys sorted by descending b and kᵢ the number of keys with aᵢ + bⱼ > 0:
+    yᵢ = (aᵢ·G[kᵢ] + BG[kᵢ]) / N.  Key r (sorted) receives the queries with kᵢ > r, so with
+    S₀[r] = Σ_{kᵢ>r} dyᵢ and S₁[r] = Σ_{kᵢ>r} aᵢ·dyᵢ (suffix sums of per-k bins):
+    ∂/∂aᵢ = dyᵢ·G[kᵢ] / N,  ∂/∂g_r = (S₁[r] + b_r·S₀[r]) / N,  ∂/∂b_r = S₀[r]·g_r / N.
+    Only a, b, g, the sort order and k are saved; the sums are recomputed, a few channels at a
+    time, in float64.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        a: Tensor,
+        b: Tensor,
+        g: Tensor,
+        n: Tensor,
+        key_padding_mask: Tensor | None,
+        acc: torch.dtype,
+    ) -> Tensor:
+        order, k, _ = _sort_keys(a, b, key_padding_mask)
+        b_acc = b.to(acc)
+        if key_padding_mask is not None:
+            b_acc = b_acc.masked_fill(key_padding_mask, 0.0)
+        b_sorted = torch.gather(b_acc, 1, order)[:, :, None]
+        a_acc, n_acc = a.to(acc)[:, :, None], n.to(acc)
+        empty = (k == 0)[:, :, None]  # no key with aᵢ + bⱼ > 0
+        kk = (k - 1).clamp_min(0)[:, :, None]
+        bsz, nq, dv = g.shape[0], a.shape[1], g.shape[2]
+        y = g.new_empty(bsz, nq, dv)
+        chunk = _channel_chunk(bsz, max(nq, g.shape[1]))
+        for c0 in range(0, dv, chunk):
+            c1 = min(c0 + chunk, dv)
+            g_sorted = _sorted_chunk(g, order, key_padding_mask, acc, c0, c1)
+            prefix_bg = (b_sorted * g_sorted).cumsum_(dim=1)
+            prefix_g = g_sorted.cumsum_(dim=1)
+            idx = kk.expand(-1, -1, c1 - c0)
+            yc = torch.gather(prefix_g, 1, idx).mul_(a_acc).add_(torch.gather(prefix_bg, 1, idx))
+            y[:, :, c0:c1] = yc.masked_fill_(empty, 0.0).div_(n_acc)
+        ctx.save_for_backward(a, b, g, n, order, k, key_padding_mask)
+        ctx.acc = acc
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        a, b, g, n, order, k, key_padding_mask = ctx.saved_tensors
+        acc: torch.dtype = ctx.acc
+        bsz, nk, dv = g.shape
+        b_acc = b.to(acc)
+        if key_padding_mask is not None:
+            b_acc = b_acc.masked_fill(key_padding_mask, 0.0)
+        b_sorted = torch.gather(b_acc, 1, order)[:, :, None]
+        a_acc, n_acc = a.to(acc)[:, :, None], n.to(acc)
+        empty = (k == 0)[:, :, None]
+        kk = (k - 1).clamp_min(0)[:, :, None]
+        grad_a = a_acc.new_zeros(a.shape)
+        grad_b_sorted = a_acc.new_zeros(b.shape)
+        grad_g = torch.empty_like(g)
+        chunk = _channel_chunk(bsz, max(a.shape[1], nk))
+        for c0 in range(0, dv, chunk):
+            c1 = min(c0 + chunk, dv)
+            width = c1 - c0
+            dy = grad_y[:, :, c0:c1].to(acc) / n_acc  # a new tensor: modified in place below
+            g_sorted = _sorted_chunk(g, order, key_padding_mask, acc, c0, c1)
+            # ∂/∂aᵢ = dyᵢ·G[kᵢ]
+            g_at_k = torch.gather(torch.cumsum(g_sorted, dim=1), 1, kk.expand(-1, -1, width))
+            grad_a += torch.linalg.vecdot(g_at_k.masked_fill_(empty, 0.0), dy)
+            del g_at_k
+            # Bins by kᵢ, then S[r] = Σ_{s>r} bin[s] = total − Σ_{s≤r} bin[s].
+            kidx = k[:, :, None].expand(-1, -1, width)
+            s0 = dy.new_zeros(bsz, nk + 1, width).scatter_add_(1, kidx, dy).cumsum_(dim=1)
+            s0 = s0[:, -1:] - s0[:, :nk]
+            s1 = dy.new_zeros(bsz, nk + 1, width).scatter_add_(1, kidx, dy.mul_(a_acc))
+            s1 = s1.cumsum_(dim=1)
+            s1 = s1[:, -1:] - s1[:, :nk]
+            grad_b_sorted += torch.linalg.vecdot(s0, g_sorted)
+            grad_g_sorted = s1.add_(s0.mul_(b_sorted))
+            del s0, g_sorted
+            grad_g[:, :, c0:c1] = torch.empty_like(grad_g_sorted).scatter_(
+                1, order[:, :, None].expand(-1, -1, width), grad_g_sorted
+            )
+        grad_b = torch.empty_like(grad_b_sorted).scatter_(1, order, grad_b_sorted)
+        if key_padding_mask is not None:  # padded keys were zeroed: no gradient
+            grad_g.masked_fill_(key_padding_mask[:, :, None], 0.0)
+            grad_b.masked_fill_(key_padding_mask, 0.0)
+        return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_g, None, None, None
+
+
 def concatenation_attention(
     theta: Tensor,
     phi: Tensor,
@@ -83,24 +426,21 @@ def concatenation_attention(
         theta_w, phi_w, g_w = widen(theta), widen(phi), widen(g)
         a, b = concat_projections(theta_w, phi_w, concat_weight)  # (B, Nq), (B, Nk)
         acc = torch.float64 if g.device.type != "mps" else torch.float32
-        g_acc = g_w.to(acc)
-        b_acc = b.to(acc)
-        sort_key = -b.detach()  # ascending in -b  <=>  descending in b
-        if key_padding_mask is not None:
-            # Padded keys sort last (+inf never satisfies c < a) and contribute zeros.
-            sort_key = sort_key.masked_fill(key_padding_mask, float("inf"))
-            g_acc = g_acc.masked_fill(key_padding_mask[:, :, None], 0.0)
-            b_acc = b_acc.masked_fill(key_padding_mask, 0.0)
-        c_sorted, order = torch.sort(sort_key, dim=1)
-        g_sorted = torch.gather(g_acc, 1, order[:, :, None].expand_as(g_acc))
-        b_sorted = torch.gather(b_acc, 1, order)
-        # Prefix sums with a leading zero row: G[k] = Σ_{r<k} g_(r).
-        zeros = g_sorted.new_zeros(g_sorted.shape[0], 1, g_sorted.shape[2])
-        prefix_g = torch.cat([zeros, torch.cumsum(g_sorted, dim=1)], dim=1)
-        prefix_bg = torch.cat([zeros, torch.cumsum(b_sorted[:, :, None] * g_sorted, dim=1)], dim=1)
-        # kᵢ = #{j : bⱼ > -aᵢ} = #{j : cⱼ < aᵢ} with c = -b sorted ascending.
-        k = torch.searchsorted(c_sorted.contiguous(), a.detach().contiguous(), side="left")
-        idx = k[:, :, None].expand(-1, -1, g_sorted.shape[2])
-        y = a.to(acc)[:, :, None] * torch.gather(prefix_g, 1, idx) + torch.gather(prefix_bg, 1, idx)
-        y = y / valid_key_count(key_padding_mask, nk, y)
+        # aᵢ + bⱼ = (aᵢ + m) + (bⱼ − m): centring b on its mean keeps the prefix sums (and the
+        # cancellation in aᵢ·G + BG) on the scale of the result when b has a large offset.
+        valid = None if key_padding_mask is None else ~key_padding_mask
+        if valid is None:
+            m = b.detach().mean(dim=1, keepdim=True)
+        else:
+            m = (b.detach() * valid).sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True)
+        a, b = a + m, b - m
+        n = valid_key_count(key_padding_mask, nk, a)
+        needs_grad = torch.is_grad_enabled() and (
+            a.requires_grad or b.requires_grad or g_w.requires_grad
+        )
+        if needs_grad and not is_tracing():
+            # Eager training: a hand-written backward that keeps only O(N) tensors.
+            y = _ConcatPrefixSums.apply(a, b, g_w, n, key_padding_mask, acc)
+        else:
+            y = _concat_prefix_sums(a, b, g_w, n, key_padding_mask, acc)
     return y.to(out_dtype)

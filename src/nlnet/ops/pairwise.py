@@ -62,8 +62,10 @@ def concat_projections(theta: Tensor, phi: Tensor, concat_weight: Tensor) -> tup
     """
     d = theta.shape[-1]
     w = concat_weight.reshape(-1).to(theta.dtype)
-    a = theta @ w[:d]
-    b = phi @ w[d:]
+    # (B, N, d) @ (d, 1) rather than @ (d,): torch 2.14's ONNX exporter mistranslates a
+    # matrix-vector product of a transposed (B, C, N) view.
+    a = (theta @ w[:d, None])[..., 0]
+    b = (phi @ w[d:, None])[..., 0]
     return a, b
 
 

@@ -1,0 +1,322 @@
+"""``nlnet bench``: the non-local operation's ``auto`` backend against the explicit N×N' matrix.
+
+For each pairwise form (§3.2, Eq. 2–5) and each of the paper's sizes, forward and
+forward+backward are timed (median of several repeats after a warm-up) and their peak memory
+measured, every case in a fresh child process so that one case's allocations cannot hide
+another's peak.  Peak memory is the increase of the child's peak RSS (``VmHWM`` in
+``/proc/self/status``, reset through ``/proc/self/clear_refs``) over its RSS once the inputs
+exist; on CUDA it is ``torch.cuda.max_memory_allocated``.  The peers' way of computing
+concatenation (the materialised B×2d×Nq×Nk pair tensor, AlexHex7/mmcv) is timed where it fits.
+
+FLOPs convention (softmax forms): forward 4·B·Nq·Nk·d (two matmuls), forward+backward 3× that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+FORMS = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+
+
+@dataclass(frozen=True)
+class Size:
+    """One attention problem: B, queries Nq, keys Nk, width d (= dv)."""
+
+    name: str
+    b: int
+    nq: int
+    nk: int
+    d: int
+
+
+# The paper's sizes (§4, Fig. 2, Table 2g; §6 for 2D): query/key counts after sub-sampling.
+PAPER_SIZES: tuple[Size, ...] = (
+    Size("res4, 32-frame clip (4·14·14 → 4·7·7), d=512", 8, 784, 196, 512),
+    Size("res3, 32-frame clip (4·28·28 → 4·14·14), d=256", 2, 3136, 784, 256),
+    Size("res3, 128-frame clip (16·28·28 → 16·14·14), d=256", 1, 12544, 3136, 256),
+    Size("res3, 128-frame clip, no sub-sampling, d=256", 1, 12544, 12544, 256),
+    Size("2D map 128×256 (→ 64×128), d=256", 1, 32768, 8192, 256),
+)
+QUICK_SIZES: tuple[Size, ...] = (Size("quick: 1024 × 256, d=64", 1, 1024, 256, 64),)
+PEER_CONCAT_SIZE = Size("res4, 32-frame clip (4·14·14 → 4·7·7), d=512", 1, 784, 196, 512)
+
+
+# -- measurement (runs in a child process) -------------------------------------------------------
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peer_concatenation(theta: Any, phi: Any, g: Any, w: Any) -> Any:
+    """Concatenation as the peers build it: the (B, 2d, Nq, Nk) pair tensor, a 1×1 conv, ReLU."""
+    import torch
+
+    b, nq, d = theta.shape
+    nk = phi.shape[1]
+    pair = torch.cat(
+        [
+            theta.transpose(1, 2)[:, :, :, None].expand(b, d, nq, nk),
+            phi.transpose(1, 2)[:, :, None, :].expand(b, d, nq, nk),
+        ],
+        dim=1,
+    )
+    f = torch.relu(torch.nn.functional.conv2d(pair, w.view(1, 2 * d, 1, 1)))[:, 0]
+    return torch.bmm(f / nk, g)
+
+
+def measure(
+    size: Size, form: str, backend: str, mode: str, repeats: int, device: str
+) -> dict[str, Any]:
+    """Time (median ms) and peak memory (MiB) of one case; call in a fresh process."""
+    import torch
+
+    from nlnet.ops import nonlocal_attention
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    grad = mode == "fwd+bwd"
+
+    def rand(*shape: int) -> Any:
+        return torch.randn(*shape, generator=gen, device=device).requires_grad_(grad)
+
+    theta, phi, g = (
+        rand(size.b, size.nq, size.d),
+        rand(size.b, size.nk, size.d),
+        rand(size.b, size.nk, size.d),
+    )
+    w = rand(2 * size.d) if form == "concatenation" else None
+
+    def run() -> None:
+        if backend == "peers":
+            y = peer_concatenation(theta, phi, g, w)
+        else:
+            y = nonlocal_attention(theta, phi, g, pairwise=form, concat_weight=w, backend=backend)
+        if grad:
+            y.backward(torch.ones_like(y))
+            for t in (theta, phi, g, w):
+                if t is not None:
+                    t.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.set_grad_enabled(grad):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            _reset_peak_rss()
+            base = _rss_kib("VmRSS") * 1024
+        t0 = time.perf_counter()
+        run()  # the warm-up run is also the cold-memory run
+        first = time.perf_counter() - t0
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = _rss_kib("VmHWM") * 1024 - base
+        times = []
+        n = repeats if first < 2.0 else max(2, repeats // 2)  # fewer repeats for slow cases
+        for _ in range(n):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return {"ms": 1e3 * statistics.median(times), "mib": peak / 2**20, "n": n}
+
+
+def _child(queue: Any, args: tuple[Any, ...]) -> None:
+    try:
+        queue.put(measure(*args))
+    except Exception as e:  # reported in the table, e.g. out of memory
+        queue.put({"error": f"{type(e).__name__}: {e}"[:200]})
+
+
+def run_case(
+    size: Size, form: str, backend: str, mode: str, repeats: int, device: str
+) -> dict[str, Any]:
+    """Measure one case in a fresh child process.
+
+    Children fork from a server that has imported torch and done nothing else (fast start, no
+    OpenMP state, no allocations inherited from earlier cases).
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "nlnet.ops"])
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, (size, form, backend, mode, repeats, device)))
+    proc.start()
+    try:
+        result = queue.get(timeout=1800)
+    except Exception:
+        result = {"error": "no result (killed, probably out of memory)"}
+    proc.join()
+    return result
+
+
+# -- the table ---------------------------------------------------------------------------------
+def gflops(size: Size, mode: str) -> float:
+    fwd = 4.0 * size.b * size.nq * size.nk * size.d
+    return (3.0 if mode == "fwd+bwd" else 1.0) * fwd / 1e9
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def benchmark(
+    sizes: tuple[Size, ...],
+    forms: tuple[str, ...],
+    *,
+    repeats: int,
+    device: str,
+    peers: bool,
+) -> list[dict[str, Any]]:
+    cases = [(size, form, mode) for size in sizes for form in forms for mode in ("fwd", "fwd+bwd")]
+    rows = []
+    for size, form, mode in tqdm(cases, desc="nlnet bench", unit="case", file=sys.stderr):
+        row: dict[str, Any] = {"size": asdict(size), "form": form, "mode": mode}
+        for backend in ("explicit", "auto"):
+            row[backend] = run_case(size, form, backend, mode, repeats, device)
+        rows.append(row)
+    if peers and "concatenation" in forms:
+        for mode in ("fwd", "fwd+bwd"):
+            row = {"size": asdict(PEER_CONCAT_SIZE), "form": "concatenation", "mode": mode}
+            for backend in ("peers", "auto"):
+                row[backend] = run_case(
+                    PEER_CONCAT_SIZE, "concatenation", backend, mode, repeats, device
+                )
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| size | B | Nq × Nk | form | pass | reference ms | auto ms | time ratio | "
+        "reference MiB | auto MiB | memory ratio | auto GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        s = Size(**row["size"])
+        ref_name = "peers" if "peers" in row else "explicit"
+        ref, auto = row[ref_name], row["auto"]
+        ok = "error" not in ref and "error" not in auto
+        t_ratio = auto["ms"] / ref["ms"] if ok else None
+        m_ratio = auto["mib"] / ref["mib"] if ok and ref["mib"] > 0 else None
+        gf = gflops(s, row["mode"]) / (auto["ms"] / 1e3) if "error" not in auto else None
+        gf_txt = _fmt(gf, ".0f") if row["form"] in ("gaussian", "embedded_gaussian") else "—"
+        form = row["form"] + (" (vs peers' pair tensor)" if ref_name == "peers" else "")
+        lines.append(
+            f"| {s.name} | {s.b} | {s.nq} × {s.nk} | {form} | {row['mode']} | "
+            f"{_fmt(ref.get('ms'), '.1f')} | {_fmt(auto.get('ms'), '.1f')} | {_fmt(t_ratio, '.3f')} | "
+            f"{_fmt(ref.get('mib'), '.0f')} | {_fmt(auto.get('mib'), '.0f')} | {_fmt(m_ratio, '.3f')} | "
+            f"{gf_txt} |"
+        )
+        for name in (ref_name, "auto"):
+            if "error" in row[name]:
+                lines.append(f"|  | | | {name} failed: {row[name]['error']} | | | | | | | | |")
+    return "\n".join(lines)
+
+
+TARGETS = (  # issue 2: at 12544 × 12544, d = 256, B = 1, forward+backward, float32
+    ("embedded_gaussian", "time", 1.0),
+    ("embedded_gaussian", "memory", 0.10),
+    ("dot_product", "time", 0.05),
+    ("concatenation", "time", 0.10),
+    ("concatenation", "memory", 0.15),
+)
+
+
+def target_report(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        s = row["size"]
+        if (s["nq"], s["nk"], s["b"]) != (12544, 12544, 1) or row["mode"] != "fwd+bwd":
+            continue
+        if "peers" in row or "error" in row["explicit"] or "error" in row["auto"]:
+            continue
+        for form, what, limit in TARGETS:
+            if row["form"] != form:
+                continue
+            key = "ms" if what == "time" else "mib"
+            ratio = row["auto"][key] / row["explicit"][key]
+            verdict = "met" if ratio <= limit else "MISSED"
+            lines.append(
+                f"- {form} {what}: auto/explicit = {ratio:.3f} (target ≤ {limit}) — {verdict}"
+            )
+    return "\n".join(lines)
+
+
+# -- command line --------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="one small size (< 30 s)")
+    parser.add_argument(
+        "--forms", nargs="+", choices=FORMS, default=list(FORMS), help="pairwise forms to run"
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=int,
+        metavar="I",
+        help=f"indices into the paper's sizes (0–{len(PAPER_SIZES) - 1}); default all",
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peers' concatenation")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw results here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA is not available; use --device cpu", file=sys.stderr)
+        return 2
+    if args.quick:
+        sizes = QUICK_SIZES
+    elif args.sizes:
+        bad = [i for i in args.sizes if not 0 <= i < len(PAPER_SIZES)]
+        if bad:
+            print(
+                f"--sizes: unknown index {bad}; expected 0–{len(PAPER_SIZES) - 1}", file=sys.stderr
+            )
+            return 2
+        sizes = tuple(PAPER_SIZES[i] for i in args.sizes)
+    else:
+        sizes = PAPER_SIZES
+    repeats = args.repeats or (2 if args.quick else 5)
+    peers = not args.no_peers and not args.quick
+    print(
+        f"# nlnet bench: torch {torch.__version__}, device {args.device}, "
+        f"{torch.get_num_threads()} threads, float32, {os.cpu_count()} CPUs; median of "
+        f"{repeats} runs after a warm-up (fewer when a run takes > 2 s); each case in a fresh process\n"
+    )
+    rows = benchmark(sizes, tuple(args.forms), repeats=repeats, device=args.device, peers=peers)
+    print(markdown(rows))
+    report = target_report(rows)
+    if report:
+        print("\nTargets (issue 2, 12544 × 12544, fwd+bwd):\n" + report)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0

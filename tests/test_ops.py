@@ -1,0 +1,372 @@
+"""The non-local operation (§3.1–3.2, Eq. 1–5): both backends against a per-position loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nlnet import nonlocal_attention
+from nlnet.ops import PAIRWISE_FUNCTIONS, default_scale
+from nlnet.ops import fast as fast_mod
+
+FORMS = PAIRWISE_FUNCTIONS
+F64 = torch.float64
+
+
+def loop_reference(theta, phi, g, *, pairwise, scale=None, concat_weight=None, mask=None):
+    """Eq. (1) one output position at a time, with f and C(x) written out as in §3.2."""
+    b_, nq, d = theta.shape
+    if scale is None:
+        scale = d**-0.5 if pairwise == "embedded_gaussian" else 1.0
+    out = torch.zeros(b_, nq, g.shape[2], dtype=F64)
+    for b in range(b_):
+        keys = [j for j in range(phi.shape[1]) if mask is None or not bool(mask[b, j])]
+        n = len(keys)
+        for i in range(nq):
+            th = theta[b, i].to(F64)
+            f = []
+            for j in keys:
+                ph = phi[b, j].to(F64)
+                if pairwise in ("gaussian", "embedded_gaussian"):
+                    f.append(scale * float(th @ ph))  # log f; exponentiated below
+                elif pairwise == "dot_product":
+                    f.append(float(th @ ph))
+                else:
+                    w = concat_weight.to(F64)
+                    f.append(max(0.0, float(w @ torch.cat([th, ph]))))
+            if pairwise in ("gaussian", "embedded_gaussian"):
+                top = max(f)  # exp(s − max)/Σ exp(s − max) = exp(s)/Σ exp(s)
+                e = [math.exp(v - top) for v in f]
+                weights = [v / sum(e) for v in e]
+            else:
+                weights = [v / n for v in f]
+            for w_ij, j in zip(weights, keys):
+                out[b, i] += w_ij * g[b, j].to(F64)
+    return out
+
+
+def make_inputs(form, *, b=2, nq=7, nk=6, d=5, dv=4, dtype=F64, seed=0, grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(b, nq, d, generator=gen, dtype=dtype)
+    phi = torch.randn(b, nk, d, generator=gen, dtype=dtype)
+    g = torch.randn(b, nk, dv, generator=gen, dtype=dtype)
+    w = torch.randn(2 * d, generator=gen, dtype=dtype) if form == "concatenation" else None
+    tensors = [theta, phi, g] + ([w] if w is not None else [])
+    for t in tensors:
+        t.requires_grad_(grad)
+    return theta, phi, g, w
+
+
+def make_mask(b=2, nk=6):
+    mask = torch.zeros(b, nk, dtype=torch.bool)
+    mask[0, 1] = True
+    mask[1, 3:] = True
+    return mask
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("form", FORMS)
+def test_both_backends_match_per_position_loop(form, use_mask):
+    theta, phi, g, w = make_inputs(form)
+    mask = make_mask() if use_mask else None
+    ref = loop_reference(theta, phi, g, pairwise=form, concat_weight=w, mask=mask)
+    for backend in ("auto", "explicit"):
+        y = nonlocal_attention(
+            theta, phi, g, pairwise=form, concat_weight=w, key_padding_mask=mask, backend=backend
+        )
+        assert y.dtype == F64 and y.shape == (2, 7, 4)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["gaussian", "embedded_gaussian"])
+def test_explicit_scale_is_used(form):
+    theta, phi, g, _ = make_inputs(form)
+    ref = loop_reference(theta, phi, g, pairwise=form, scale=0.37)
+    for backend in ("auto", "explicit"):
+        y = nonlocal_attention(theta, phi, g, pairwise=form, scale=0.37, backend=backend)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    assert default_scale("embedded_gaussian", 16) == 0.25
+    assert default_scale("gaussian", 16) == 1.0
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("form", FORMS)
+def test_return_attention_weights(form, use_mask):
+    theta, phi, g, w = make_inputs(form)
+    mask = make_mask() if use_mask else None
+    y, weights = nonlocal_attention(
+        theta, phi, g, pairwise=form, concat_weight=w, key_padding_mask=mask, return_attention=True
+    )
+    assert weights.shape == (2, 7, 6)
+    torch.testing.assert_close(weights @ g, y)
+    if mask is not None:
+        assert bool((weights.masked_select(mask[:, None, :].expand_as(weights)) == 0).all())
+    if form in ("gaussian", "embedded_gaussian"):
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 7, dtype=F64))
+
+
+@pytest.mark.parametrize("backend", ["auto", "explicit"])
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("form", FORMS)
+def test_gradcheck(form, use_mask, backend):
+    theta, phi, g, w = make_inputs(form, b=2, nq=5, nk=6, d=3, dv=2, grad=True, seed=3)
+    mask = make_mask() if use_mask else None
+
+    def fn(*args):
+        return nonlocal_attention(
+            args[0],
+            args[1],
+            args[2],
+            pairwise=form,
+            concat_weight=args[3] if form == "concatenation" else None,
+            key_padding_mask=mask,
+            backend=backend,
+        )
+
+    inputs = (theta, phi, g) + ((w,) if w is not None else ())
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_cpu_softmax_function_is_used_and_gradchecks():
+    """The hand-written backward (CPU, grad needed) is exercised: d = dv and d ≠ dv."""
+    calls = []
+    orig = fast_mod._SoftmaxAttentionCPU.apply
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return orig(*args)
+
+    for dv in (5, 3):
+        theta, phi, g, _ = make_inputs("embedded_gaussian", d=5, dv=dv, grad=True, seed=dv)
+        mask = make_mask()
+        fast_mod._SoftmaxAttentionCPU.apply = spy
+        try:
+            assert torch.autograd.gradcheck(
+                lambda a, b, c, m=mask: nonlocal_attention(
+                    a, b, c, pairwise="embedded_gaussian", key_padding_mask=m
+                ),
+                (theta, phi, g),
+            )
+        finally:
+            fast_mod._SoftmaxAttentionCPU.apply = orig
+    assert len(calls) > 0
+
+
+def test_blocked_paths_with_several_query_blocks(monkeypatch):
+    """Force tiny tiles so the blocked forward/backward loop over many query blocks."""
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 20)
+    theta, phi, g, _ = make_inputs("gaussian", b=2, nq=9, nk=5, d=4, dv=3, grad=True)
+    mask = make_mask(nk=5)
+    assert fast_mod.query_block(2, 9, 5) == 2
+    y = nonlocal_attention(theta, phi, g, pairwise="gaussian", key_padding_mask=mask)
+    ref = loop_reference(theta.detach(), phi.detach(), g.detach(), pairwise="gaussian", mask=mask)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: nonlocal_attention(a, b, c, pairwise="gaussian", key_padding_mask=mask),
+        (theta, phi, g),
+    )
+    with torch.no_grad():  # the no-grad blocked forward (d ≠ dv) too
+        torch.testing.assert_close(
+            nonlocal_attention(theta, phi, g, pairwise="gaussian", key_padding_mask=mask), ref
+        )
+
+
+def test_float32_gradients_match_explicit():
+    gen = torch.Generator().manual_seed(1)
+    t = [torch.randn(2, 300, 32, generator=gen, requires_grad=True) for _ in range(3)]
+    grads = {}
+    for backend in ("auto", "explicit"):
+        y = nonlocal_attention(*t, pairwise="embedded_gaussian", backend=backend)
+        grads[backend] = torch.autograd.grad((y * y.detach().flip(1)).sum(), t)
+    for a, e in zip(grads["auto"], grads["explicit"]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_concatenation_rounding_no_worse_than_explicit():
+    """float32 inputs: the prefix-sum path is at least as close to a float64 truth as explicit."""
+    gen = torch.Generator().manual_seed(5)
+    b, nq, nk, d, dv = 2, 400, 900, 16, 8
+    theta = torch.randn(b, nq, d, generator=gen) + 3.0  # offsets: a and b of opposite signs
+    phi = torch.randn(b, nk, d, generator=gen) - 3.0
+    g = torch.randn(b, nk, dv, generator=gen) + 1.0
+    w = torch.randn(2 * d, generator=gen)
+    truth = nonlocal_attention(
+        theta.double(),
+        phi.double(),
+        g.double(),
+        pairwise="concatenation",
+        concat_weight=w.double(),
+        backend="explicit",
+    )
+    errs = {}
+    for backend in ("auto", "explicit"):
+        y = nonlocal_attention(
+            theta, phi, g, pairwise="concatenation", concat_weight=w, backend=backend
+        )
+        assert y.dtype == torch.float32
+        errs[backend] = (y.double() - truth).abs().max().item()
+    assert errs["auto"] <= errs["explicit"] * 1.01 + 1e-12, errs
+
+
+def test_dot_product_is_reassociated_exactly():
+    theta, phi, g, _ = make_inputs("dot_product", nq=50, nk=40, d=8, dv=6)
+    mask = make_mask(nk=40)
+    n = (~mask).sum(1).to(F64)[:, None, None]
+    phi0 = phi.masked_fill(mask[:, :, None], 0)
+    expected = (theta @ phi0.transpose(1, 2)) / n @ g
+    y = nonlocal_attention(theta, phi, g, pairwise="dot_product", key_padding_mask=mask)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", FORMS)
+def test_autocast_matches_float32_without_overflow(form, amp_dtype):
+    """Logits up to ~±40: exp would overflow float16 (max 65504 ≈ e^11) if taken naively."""
+    gen = torch.Generator().manual_seed(7)
+    b, nq, nk, d = 2, 64, 48, 16
+    theta = torch.randn(b, nq, d, generator=gen) * 2.0
+    phi = torch.randn(b, nk, d, generator=gen) * 2.0
+    g = torch.randn(b, nk, d, generator=gen)
+    w = torch.randn(2 * d, generator=gen) if form == "concatenation" else None
+    kw = dict(pairwise=form, concat_weight=w, scale=1.0 if form != "concatenation" else None)
+    ref = nonlocal_attention(theta, phi, g, backend="explicit", **kw)
+    if form in ("gaussian", "embedded_gaussian"):
+        assert (theta @ phi.transpose(1, 2)).abs().max() > 30  # really large logits
+    for backend in ("auto", "explicit"):
+        with torch.autocast("cpu", dtype=amp_dtype):
+            y = nonlocal_attention(
+                theta.to(amp_dtype), phi.to(amp_dtype), g.to(amp_dtype), backend=backend, **kw
+            )
+        assert torch.isfinite(y).all()
+        # bf16 rounds the logits themselves (8 bits): allow a few percent of g's scale.
+        tol = 0.25 if amp_dtype == torch.bfloat16 else 0.05
+        if form in ("gaussian", "embedded_gaussian"):
+            tol *= 2  # rounding in logits of magnitude ~40 moves peaked softmax weights
+        assert (y.float() - ref).abs().max() < tol, (form, backend, amp_dtype)
+
+
+def test_autocast_with_float32_inputs_and_grad():
+    gen = torch.Generator().manual_seed(2)
+    t = [torch.randn(1, 40, 8, generator=gen, requires_grad=True) for _ in range(3)]
+    ref = nonlocal_attention(*t, pairwise="embedded_gaussian", backend="explicit")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nonlocal_attention(*t, pairwise="embedded_gaussian")
+    y.float().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in t)
+    assert (y.float() - ref).abs().max() < 0.05
+
+
+def test_no_affinity_matrix_is_allocated_by_auto(monkeypatch):
+    """No single allocation of auto (forward + backward) comes near one Nq × Nk matrix."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 1 << 18)  # 1/16 of the matrix below
+
+    gen = torch.Generator().manual_seed(0)
+    nq = nk = 2048
+    for form, d in {
+        "gaussian": 24,
+        "embedded_gaussian": 16,
+        "dot_product": 16,
+        "concatenation": 16,
+    }.items():
+        theta = torch.randn(1, nq, d, generator=gen, requires_grad=True)
+        phi = torch.randn(1, nk, d, generator=gen, requires_grad=True)
+        g = torch.randn(1, nk, d, generator=gen, requires_grad=True)
+        w = torch.randn(2 * d, generator=gen) if form == "concatenation" else None
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            y = nonlocal_attention(theta, phi, g, pairwise=form, concat_weight=w)
+            y.sum().backward()
+        biggest = max(e.cpu_memory_usage for e in prof.events())
+        assert 0 < biggest < nq * nk * 4 / 4, (form, biggest)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        nonlocal_attention(theta, phi, g, pairwise="gaussian", backend="explicit").sum().backward()
+    assert max(e.cpu_memory_usage for e in prof.events()) >= nq * nk * 4  # the test can fail
+
+
+# -- errors -------------------------------------------------------------------------------------
+def test_errors_name_the_problem():
+    theta, phi, g, w = make_inputs("concatenation")
+    with pytest.raises(ValueError, match=r"unknown pairwise 'cosine'.*'gaussian'"):
+        nonlocal_attention(theta, phi, g, pairwise="cosine")
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*'auto', 'explicit'"):
+        nonlocal_attention(theta, phi, g, pairwise="dot_product", backend="fast")
+    with pytest.raises(ValueError, match=r"theta must have shape \(B, N, d\)"):
+        nonlocal_attention(theta[0], phi, g, pairwise="dot_product")
+    with pytest.raises(ValueError, match="share their last dim"):
+        nonlocal_attention(theta[..., :3], phi, g, pairwise="dot_product")
+    with pytest.raises(ValueError, match="same number of keys"):
+        nonlocal_attention(theta, phi, g[:, :3], pairwise="dot_product")
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        nonlocal_attention(theta, phi[:1], g[:1], pairwise="dot_product")
+    with pytest.raises(ValueError, match="needs concat_weight"):
+        nonlocal_attention(theta, phi, g, pairwise="concatenation")
+    with pytest.raises(ValueError, match="2\\*d = 10"):
+        nonlocal_attention(theta, phi, g, pairwise="concatenation", concat_weight=w[:4])
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, Nk\)"):
+        nonlocal_attention(
+            theta,
+            phi,
+            g,
+            pairwise="dot_product",
+            key_padding_mask=torch.zeros(2, 5, dtype=torch.bool),
+        )
+    with pytest.raises(TypeError, match="must be a bool tensor"):
+        nonlocal_attention(
+            theta, phi, g, pairwise="dot_product", key_padding_mask=torch.zeros(2, 6)
+        )
+    with pytest.raises(ValueError, match="masks every key"):
+        nonlocal_attention(
+            theta, phi, g, pairwise="gaussian", key_padding_mask=torch.ones(2, 6, dtype=torch.bool)
+        )
+    with pytest.raises(TypeError, match="floating-point"):
+        nonlocal_attention(theta.long(), phi, g, pairwise="gaussian")
+
+
+def test_double_backward_is_refused_clearly():
+    theta, phi, g, _ = make_inputs("embedded_gaussian", grad=True, d=4, dv=4)
+    y = nonlocal_attention(theta, phi, g, pairwise="embedded_gaussian")
+    (gt,) = torch.autograd.grad(y.sum(), theta, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
+        torch.autograd.grad(gt.sum(), theta)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_matches_explicit_and_autocast(form):
+    """On CUDA the softmax forms go through SDPA's fused kernels (d ≠ dv zero-padded)."""
+    gen = torch.Generator().manual_seed(0)
+    b, nq, nk, d, dv = 2, 300, 200, 32, 16
+    t = [torch.randn(*s, generator=gen).cuda() for s in ((b, nq, d), (b, nk, d), (b, nk, dv))]
+    w = torch.randn(2 * d, generator=gen).cuda() if form == "concatenation" else None
+    mask = torch.zeros(b, nk, dtype=torch.bool, device="cuda")
+    mask[1, 150:] = True
+    kw = dict(pairwise=form, concat_weight=w, key_padding_mask=mask)
+    ref = nonlocal_attention(*(x.double() for x in t), backend="explicit", **kw)
+    y = nonlocal_attention(*t, **kw)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.float16):
+        y16 = nonlocal_attention(*(x * 4 for x in t), **kw)
+    assert torch.isfinite(y16).all()
+
+
+@pytest.mark.parametrize("chunk", [32, 2])
+def test_concatenation_custom_backward_equals_autograd_path(chunk, monkeypatch):
+    """The eager Function's hand-written backward equals autograd through the traced path."""
+    monkeypatch.setattr(fast_mod, "CONCAT_CHANNEL_CHUNK", chunk)  # 2: several channel passes
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(2, 40, generator=gen, dtype=F64, requires_grad=True)
+    b = torch.randn(2, 30, generator=gen, dtype=F64, requires_grad=True)
+    g = torch.randn(2, 30, 5, generator=gen, dtype=F64, requires_grad=True)
+    mask = make_mask(nk=30)
+    n = (~mask).sum(1).to(F64).view(-1, 1, 1)
+    dy = torch.randn(2, 40, 5, generator=gen, dtype=F64)
+    outs = []
+    for fn in (fast_mod._ConcatPrefixSums.apply, fast_mod._concat_prefix_sums):
+        y = fn(a, b, g, n, mask, F64)
+        outs.append((y, *torch.autograd.grad(y, (a, b, g), dy)))
+    for x, r in zip(*outs):
+        torch.testing.assert_close(x, r, rtol=1e-12, atol=1e-12)
+    assert outs[0][1].abs().sum() > 0 and outs[0][3][1, 3:].abs().sum() == 0  # padded: no grad
