@@ -394,3 +394,19 @@ def test_reference_is_sensitive():
         blk.phi.weight.add_(1e-3)
     assert not torch.allclose(reference_block(blk, x), z, rtol=1e-6, atol=1e-8)
     assert math.isfinite(float(z.detach().sum()))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_output_keeps_the_input_memory_layout(dim: int) -> None:
+    # The layers after the block must see the layout they would see without it: otherwise they
+    # pick other kernels and a block at identity no longer reproduces the network bit for bit.
+    torch.manual_seed(0)
+    block = NonLocalBlock(8, dim=dim, zero_init=False, init_std=0.5).eval()
+    shape = (2, 8, 6, 6) if dim == 2 else (2, 8, 2, 6, 6)
+    x = torch.randn(*shape)
+    assert block(x).is_contiguous()
+    fmt = torch.channels_last if dim == 2 else torch.channels_last_3d
+    x_cl = x.contiguous(memory_format=fmt)
+    z_cl = block(x_cl)
+    assert z_cl.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(z_cl, block(x), rtol=1e-5, atol=1e-6)

@@ -372,11 +372,31 @@ class NonLocalBlock(nn.Module):
         y, weights = result if return_attention else (result, None)
         y5 = layout.restore(y, qshape)
         y = y5.reshape(y5.shape[0], y5.shape[1], *x.shape[2:])
+        # The attention layout leaves y channels-last in memory; give z the input's layout, so the
+        # layers after the block run the same kernels as without it (a block at identity then
+        # reproduces the network without it bit for bit).
+        y = y.contiguous(memory_format=_memory_format(x))
         wz = self.out(y)
         if self.norm == "batch":
             wz = self.bn(wz)
         z = wz + x
         return (z, weights) if return_attention else z
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    if (
+        x.dim() == 5
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _to5d_kernel(kernel: tuple[int, ...] | None, dim: int) -> tuple[int, int, int]:

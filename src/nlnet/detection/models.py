@@ -93,17 +93,6 @@ def padding_mask(
     return ~inside
 
 
-def _same_layout(out: Tensor, like: Tensor) -> Tensor:
-    """``out`` in ``like``'s memory format.
-
-    The block may return channels-last strides; the convolutions after it would then pick other
-    kernels, and a block at identity (γ = 0) would no longer reproduce the baseline bit for bit.
-    """
-    if like.is_contiguous() and not out.is_contiguous():
-        return out.contiguous()
-    return out
-
-
 class NonLocalResNetFPN(nn.Module):
     """ResNet-FPN backbone (torchvision's parameter layout) with an optional non-local block.
 
@@ -173,7 +162,7 @@ class NonLocalResNetFPN(nn.Module):
                     min_valid=max(self.nonlocal_res4.subsample or (1,)),
                     device=x.device,
                 )
-                x = _same_layout(self.nonlocal_res4(x, key_padding_mask=mask), x)
+                x = self.nonlocal_res4(x, key_padding_mask=mask)
                 x = module[-1](x)
             else:
                 x = module(x)
@@ -218,7 +207,7 @@ class NonLocalKeypointHead(KeypointRCNNHeads):
             if isinstance(layer, nn.ReLU):
                 convs_done += 1
                 if convs_done % self.every == 0:
-                    x = _same_layout(self.nonlocal_blocks[convs_done // self.every - 1](x), x)
+                    x = self.nonlocal_blocks[convs_done // self.every - 1](x)
         return x
 
 

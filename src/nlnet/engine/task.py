@@ -73,5 +73,7 @@ def build_task(name: str, config: Any) -> Task:
     if name not in _TASKS and name in _BUILTIN_TASKS:
         importlib.import_module(_BUILTIN_TASKS[name])
     if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(sorted({*_TASKS, *_BUILTIN_TASKS}))}")
+        raise ValueError(
+            f"unknown task {name!r}; expected one of {', '.join(sorted({*_TASKS, *_BUILTIN_TASKS}))}"
+        )
     return _TASKS[name](config)
