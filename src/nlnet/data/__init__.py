@@ -1,7 +1,7 @@
 """§4.1: video decoding, clip sampling, transforms and datasets.
 
 Registered datasets (``build_dataset(name, **kwargs)``): ``"kinetics"``, ``"charades"``,
-``"folder"``; see :mod:`nlnet.data.datasets` and docs/README-data.md.
+``"folder"``; see :mod:`nlnet.data.datasets` and docs/data.md.
 """
 
 from nlnet.data.annotations import (
