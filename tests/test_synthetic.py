@@ -33,7 +33,7 @@ def _objects(clip: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> list[tu
 
 def test_registered_and_contract() -> None:
     assert "colour_match" in list_datasets()
-    ds = build_dataset("colour_match", split="val", num_samples=6)
+    ds = build_dataset("colour_match", mode="val", val_samples=6)
     assert isinstance(ds, ColourMatchDataset)
     assert (ds.num_classes, ds.multi_label, ds.classes) == (2, False, ["different", "same"])
     assert len(ds) == len(ds.videos) == 6 and len(set(ds.videos)) == 6
@@ -50,7 +50,7 @@ def test_registered_and_contract() -> None:
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_label_matches_pixels(split: str) -> None:
-    ds = ColourMatchDataset(split, num_samples=200, seed=3)
+    ds = ColourMatchDataset(split, num_samples=200, val_samples=200, seed=3)
     for i in range(200):
         item = ds[i]
         objs = _objects(item["clip"])
@@ -66,17 +66,17 @@ def test_label_matches_pixels(split: str) -> None:
 
 
 def test_background_normalisation() -> None:
-    clip = ColourMatchDataset("val", num_samples=1)[0]["clip"]
+    clip = ColourMatchDataset("val", val_samples=1)[0]["clip"]
     values = clip.unique()
     assert values.min() == -1.0 and values.max() <= 1.0  # (0 - 0.5) / 0.5 = -1 on black
-    custom = ColourMatchDataset("val", num_samples=1, mean=0.25, std=2.0)[0]["clip"]
+    custom = ColourMatchDataset("val", val_samples=1, mean=0.25, std=2.0)[0]["clip"]
     torch.testing.assert_close(custom, (clip * 0.5 + 0.5 - 0.25) / 2.0)
 
 
 def test_deterministic_per_seed() -> None:
-    a = ColourMatchDataset("val", num_samples=20, seed=7)
-    b = ColourMatchDataset("val", num_samples=20, seed=7)
-    c = ColourMatchDataset("val", num_samples=20, seed=8)
+    a = ColourMatchDataset("val", val_samples=20, seed=7)
+    b = ColourMatchDataset("val", val_samples=20, seed=7)
+    c = ColourMatchDataset("val", val_samples=20, seed=8)
     same = [torch.equal(a[i]["clip"], b[i]["clip"]) for i in range(20)]
     other = [torch.equal(a[i]["clip"], c[i]["clip"]) for i in range(20)]
     assert all(same) and sum(other) <= 1
@@ -95,13 +95,13 @@ def test_seeded_draws() -> None:
     # The same draw seed at another index gives the same scene with that index's label.
     assert train.describe(4, 5).frame_a == train.describe(6, 5).frame_a
     # val/test are fixed sets: the draw seed is ignored.
-    val = ColourMatchDataset("val", num_samples=10)
+    val = ColourMatchDataset("val", val_samples=10)
     assert torch.equal(val[(2, 1)]["clip"], val[2]["clip"])
     assert torch.equal(val[(2, 1)]["clip"], val[(2, 999)]["clip"])
 
 
 def test_balanced_and_single_square_uninformative() -> None:
-    ds = ColourMatchDataset("val", num_samples=4000, seed=1)
+    ds = ColourMatchDataset("val", val_samples=4000, seed=1)
     specs = [ds.describe(i) for i in range(len(ds))]
     labels = Counter(s.label for s in specs)
     assert labels[0] == labels[1] == 2000
@@ -124,7 +124,7 @@ def test_balanced_and_single_square_uninformative() -> None:
 
 def test_options() -> None:
     ds = ColourMatchDataset(
-        "val", num_samples=50, num_frames=16, size=24, num_colours=3, square=3,
+        "val", val_samples=50, clip_length=16, crop_size=24, num_colours=3, square=3,
         first_frames=(0, 0), second_frames=(15, 15),
     )  # fmt: skip
     for i in range(50):
@@ -134,7 +134,7 @@ def test_options() -> None:
         assert ds[i]["clip"].shape == (3, 16, 24, 24)
     # Overlapping frame ranges: squares in one frame never overlap.
     same_frame = ColourMatchDataset(
-        "val", num_samples=100, first_frames=(3, 3), second_frames=(3, 3)
+        "val", val_samples=100, first_frames=(3, 3), second_frames=(3, 3)
     )
     for i in range(100):
         s = same_frame.describe(i)
@@ -145,13 +145,15 @@ def test_options() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"split": "training"}, "unknown split"),
+        ({"mode": "training"}, "unknown mode"),
         ({"num_samples": 0}, "num_samples"),
         ({"num_colours": 9}, "num_colours"),
         ({"square": 40}, "square"),
         ({"first_frames": (0, 8)}, "first_frames"),
         ({"second_frames": (5, 3)}, "second_frames"),
-        ({"num_frames": 1}, "num_frames"),
+        ({"clip_length": 1}, "clip_length"),
+        ({"crop_size": 0}, "crop_size"),
+        ({"val_samples": -1}, "val_samples"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
@@ -159,8 +161,21 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
         ColourMatchDataset(**kwargs)
 
 
+def test_engine_options_accepted_others_refused() -> None:
+    # What the classification task passes to every data set (video options) is ignored ...
+    ds = build_dataset(
+        "colour_match", mode="test", clip_length=8, crop_size=32, sampling_rate=2,
+        jitter=(256, 320), test_scale=256, normalization="original", max_retries=10,
+        num_clips=10, test_crop="three", val_samples=4,
+    )  # fmt: skip
+    assert len(ds) == 4 and ds[0]["clip"].shape == (3, 8, 32, 32)
+    # ... a misspelt option is not.
+    with pytest.raises(TypeError, match="num_sample"):
+        build_dataset("colour_match", num_sample=5)
+
+
 def test_bad_index() -> None:
-    ds = ColourMatchDataset("val", num_samples=4)
+    ds = ColourMatchDataset("val", val_samples=4)
     with pytest.raises(IndexError, match="out of range"):
         ds[4]
     with pytest.raises(TypeError, match="index must be an int"):

@@ -6,8 +6,8 @@ This task makes that claim measurable on a laptop CPU in minutes, with no downlo
 
 The task
 --------
-A clip has ``num_frames`` (T, default 8) frames of ``size × size`` (32) RGB pixels on a black
-background.  Square A (``square × square``, 5 px) appears in exactly one frame among
+A clip has ``clip_length`` (T, default 8) frames of ``crop_size × crop_size`` (32) RGB pixels on
+a black background.  Square A (``square × square``, 5 px) appears in exactly one frame among
 ``first_frames`` (frames 0–2), square B in exactly one frame among ``second_frames`` (the last
 three), both at uniformly random places, each filled with one colour of a palette of
 ``num_colours`` (8).  The label is **1 when A and B have the same colour**, else 0.  Labels are
@@ -28,7 +28,7 @@ so a C2D baseline stays ≤ 0.65 by construction (trained ones sit near chance, 
 non-local block lets a query at A read B's features directly (Eq. 1), which solves the task.
 
 Item contract: see :mod:`nlnet.data.registry`.  ``dataset[i]`` is a fixed clip for each ``i``
-(derived from ``seed``); in the ``train`` split ``dataset[(i, draw_seed)]`` draws a fresh clip
+(derived from ``seed``); in ``train`` mode ``dataset[(i, draw_seed)]`` draws a fresh clip
 from ``torch.Generator().manual_seed(draw_seed)`` (label still ``i % 2``), so a training run sees
 new clips every step; in ``val``/``test`` the set is fixed and ``draw_seed`` is ignored.
 :meth:`ColourMatchDataset.describe` returns where the squares are (used to pick on-object queries
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,6 +69,22 @@ COLOUR_NAMES: tuple[str, ...] = (
     "orange",
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+IGNORED_VIDEO_OPTIONS = frozenset(
+    {
+        "sampling_rate",
+        "jitter",
+        "test_scale",
+        "normalization",
+        "max_retries",
+        "target_fps",
+        "missing_report",
+        "num_clips",
+        "test_crop",
+        "root",
+        "annotations",
+        "classes",
+    }
+)
 
 # Distinct seed streams per split, so val clips are not train clips with the same index.
 _SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -106,26 +123,32 @@ class ColourMatchDataset(Dataset):
     """The "colour match across time" task (module docstring); a registered dataset.
 
     Args:
-        split: ``"train"``, ``"val"`` or ``"test"``.
-        num_samples: number of items (default 10 000 for train, 2 000 otherwise).  In training it
-            is the length of one epoch of fresh draws.
-        num_frames: T.
-        size: frame height and width in pixels.
+        mode: ``"train"``, ``"val"`` or ``"test"`` (the split).
+        num_samples: items in ``train`` mode: the length of one epoch of fresh draws.
+        val_samples: items in ``val``/``test`` mode: the fixed evaluation set.
+        clip_length: T, frames per clip.
+        crop_size: frame height and width in pixels.
         num_colours: palette size, 2–8.
         square: side of each square in pixels.
         first_frames: inclusive (lo, hi) range of frames where square A may appear.
         second_frames: inclusive range for square B; default the last three frames.
         seed: base seed of the fixed clips.
         mean, std: normalisation applied to pixel values in [0, 1].
+        video_options: the video-decoding options the classification task passes to every data
+            set (``sampling_rate``, ``jitter``, ``test_scale``, ``normalization``,
+            ``max_retries``, ``target_fps``, ``missing_report``, ``num_clips``, ``test_crop``,
+            ``root``, ``annotations``); generated clips have no use for them, so they are
+            accepted and ignored.  Any other keyword is an error.
     """
 
     def __init__(
         self,
-        split: str = "train",
+        mode: str = "train",
         *,
-        num_samples: int | None = None,
-        num_frames: int = 8,
-        size: int = 32,
+        num_samples: int = 10_000,
+        val_samples: int = 2_000,
+        clip_length: int = 8,
+        crop_size: int = 32,
         num_colours: int = 8,
         square: int = 5,
         first_frames: tuple[int, int] = (0, 2),
@@ -133,33 +156,44 @@ class ColourMatchDataset(Dataset):
         seed: int = 0,
         mean: float = 0.5,
         std: float = 0.5,
+        **video_options: Any,
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        if num_samples is None:
-            num_samples = 10_000 if split == "train" else 2_000
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        unknown = sorted(set(video_options) - IGNORED_VIDEO_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"colour_match got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+                "mode, num_samples, val_samples, clip_length, crop_size, num_colours, square, "
+                "first_frames, second_frames, seed, mean, std"
+            )
+        if mode not in SPLITS:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(SPLITS)}")
+        for name, value in (("num_samples", num_samples), ("val_samples", val_samples)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        num_frames, size = clip_length, crop_size
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"crop_size must be a positive int, got {size!r}")
+        num_samples = num_samples if mode == "train" else val_samples
         if not isinstance(num_frames, int) or num_frames < 2:
-            raise ValueError(f"num_frames must be an int >= 2, got {num_frames!r}")
+            raise ValueError(f"clip_length must be an int >= 2, got {num_frames!r}")
         if not 2 <= num_colours <= len(PALETTE):
             raise ValueError(f"num_colours must be in 2..{len(PALETTE)}, got {num_colours!r}")
         if not isinstance(square, int) or not 1 <= square <= size:
-            raise ValueError(f"square must be an int in 1..size={size}, got {square!r}")
+            raise ValueError(f"square must be an int in 1..crop_size={size}, got {square!r}")
         if second_frames is None:
             second_frames = (max(num_frames - 3, 0), num_frames - 1)
         for name, (lo, hi) in (("first_frames", first_frames), ("second_frames", second_frames)):
             if not 0 <= lo <= hi < num_frames:
                 raise ValueError(
                     f"{name} must be an inclusive range (lo, hi) with 0 <= lo <= hi < "
-                    f"num_frames={num_frames}, got {(lo, hi)}"
+                    f"clip_length={num_frames}, got {(lo, hi)}"
                 )
         if std <= 0:
             raise ValueError(f"std must be positive, got {std!r}")
-        self.split = split
+        self.mode = mode
         self.num_samples = num_samples
-        self.num_frames = num_frames
-        self.size = size
+        self.clip_length = num_frames
+        self.crop_size = size
         self.num_colours = num_colours
         self.square = square
         self.first_frames = tuple(first_frames)
@@ -171,7 +205,7 @@ class ColourMatchDataset(Dataset):
         self.num_classes = 2
         self.multi_label = False
         self.classes = ["different", "same"]
-        self.videos = [f"{split}-{i:06d}" for i in range(num_samples)]
+        self.videos = [f"{mode}-{i:06d}" for i in range(num_samples)]
         self._palette = torch.tensor(PALETTE[:num_colours], dtype=torch.float32)
 
     def __len__(self) -> int:
@@ -179,11 +213,11 @@ class ColourMatchDataset(Dataset):
 
     # -- generation ----------------------------------------------------------------------------
     def _fixed_seed(self, index: int) -> int:
-        mixed = (self.seed * 1_000_003 + _SPLIT_OFFSET[self.split]) * _MIX + index
+        mixed = (self.seed * 1_000_003 + _SPLIT_OFFSET[self.mode]) * _MIX + index
         return mixed % (2**63 - 1)
 
     def _generator(self, index: int, draw_seed: int | None) -> torch.Generator:
-        if draw_seed is not None and self.split == "train":
+        if draw_seed is not None and self.mode == "train":
             return torch.Generator().manual_seed(int(draw_seed))
         return torch.Generator().manual_seed(self._fixed_seed(index))
 
@@ -222,7 +256,7 @@ class ColourMatchDataset(Dataset):
         colour_b = colour_a if label else (colour_a + shift) % self.num_colours
         frame_a = randint(*self.first_frames)
         frame_b = randint(*self.second_frames)
-        last = self.size - self.square
+        last = self.crop_size - self.square
         top_left_a = (randint(0, last), randint(0, last))
         top_left_b = (randint(0, last), randint(0, last))
         if frame_a == frame_b:
@@ -235,7 +269,7 @@ class ColourMatchDataset(Dataset):
 
     def render(self, spec: ClipSpec) -> Tensor:
         """Un-normalised clip (3, T, H, W) in [0, 1] for ``spec``."""
-        clip = torch.zeros(3, self.num_frames, self.size, self.size)
+        clip = torch.zeros(3, self.clip_length, self.crop_size, self.crop_size)
         s = spec.square
         for frame, (y, x), colour in (
             (spec.frame_a, spec.top_left_a, spec.colour_a),

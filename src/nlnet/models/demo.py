@@ -75,6 +75,9 @@ class TinyVideoResNet(nn.Module):
         nonlocal_stages: 1-based stages followed by one non-local block.
         nonlocal_kwargs: keyword arguments of :class:`~nlnet.block.NonLocalBlock`.
         in_channels: input channels (3 for RGB).
+        stem_stride: spatial stride of the stem convolution (2: stage 1 works at half size).
+        stem_pool: add a 1×3×3 max-pool (stride 2) after the stem, like Table 1's pool1.
+        dropout: dropout before the classifier (the paper uses 0.5 on Kinetics).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class TinyVideoResNet(nn.Module):
         in_channels: int = 3,
         stem_stride: int = 2,
         stem_pool: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not (len(widths) == len(blocks) == len(temporal_kernels)):
@@ -127,6 +131,7 @@ class TinyVideoResNet(nn.Module):
                 layers["nonlocal"] = NonLocalBlock(width, dim=3, **nl_kwargs)
             stages.append(nn.Sequential(layers))
         self.stages = nn.ModuleList(stages)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.fc = nn.Linear(prev, num_classes)
         self.reset_parameters()
 
@@ -145,7 +150,7 @@ class TinyVideoResNet(nn.Module):
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
-        return self.fc(torch.flatten(x.mean(dim=(2, 3, 4)), 1))
+        return self.fc(self.dropout(torch.flatten(x.mean(dim=(2, 3, 4)), 1)))
 
 
 def _build(num_classes: int, pretrained: Any, **kwargs: Any) -> TinyVideoResNet:

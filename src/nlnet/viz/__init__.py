@@ -1,0 +1,1 @@
+"""Figures: training curves (paper Figure 4)."""
