@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def test_quick_demo_writes_everything(quick_demo: Path) -> None:
     for key in ("baseline", "nonlocal"):
         m = metrics[key]
         assert 0.0 <= m["val_top1"] <= 1.0 and 0.0 <= m["test_top1"] <= 1.0
-        assert m["iterations"] == m["max_iter"] == 12 and not m["stopped_early"]
+        assert m["iterations"] == m["max_iter"] == 8 and not m["stopped_early"]
         run_dir = quick_demo / key
         assert (run_dir / "metrics.jsonl").is_file() and (
             run_dir / "test" / "metrics.json"
@@ -88,6 +89,9 @@ def test_quick_demo_writes_everything(quick_demo: Path) -> None:
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert recs[-1]["split"] == "val" and recs[-1]["video_top1"] / 100 == m["val_top1"]
     assert metrics["nonlocal"]["params"] > metrics["baseline"]["params"]
+    # Default optimiser: AdamW with the warm-up + cosine schedule, saved in the checkpoint.
+    ck = torch.load(next((quick_demo / "nonlocal" / "checkpoints").glob("*.pt")), weights_only=True)
+    assert ck["schedule"]["kind"] == "warmup_cosine" and "exp_avg" in str(ck["optimizer"])
     assert metrics["quick"] is True and metrics["attention"]["block"] == "stages.1.nonlocal"
     for name in ("curves.png", "attention.png", "attention_heatmap.png"):
         img = Image.open(quick_demo / name)
@@ -103,13 +107,35 @@ def test_early_stopping(tmp_path: Path) -> None:
     pytest.importorskip("nlnet.engine.trainer", reason="the training engine is not installed")
     from nlnet.demo import QUICK_OVERRIDES, default_config_dir, train_one
 
-    # Any accuracy reaches a target of 0: the run stops at its first evaluation (iteration 6)
+    # Any accuracy reaches a target of 0: the run stops at its first evaluation (iteration 4)
     # and the demo writes the checkpoint the engine would have written at the end.
-    result = train_one("baseline", default_config_dir(), tmp_path, QUICK_OVERRIDES, stop_at=0.0)
-    assert result.stopped_early and result.iterations == 6 and result.max_iter == 12
-    assert result.checkpoint.is_file() and "6" in result.checkpoint.name
+    result = train_one(
+        "baseline", default_config_dir(), tmp_path, QUICK_OVERRIDES, stop_at=0.0, optimizer="sgd"
+    )
+    assert result.stopped_early and result.iterations == 4 and result.max_iter == 8
+    assert result.checkpoint.is_file() and "4" in result.checkpoint.name
     ck = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
-    assert ck["iteration"] == 6
+    assert ck["iteration"] == 4
+    recs = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["split"] == "val" and recs[-1]["iteration"] == 4
+    # SGD: the engine's optimiser and step schedule were kept.
+    assert "momentum_buffer" in str(ck["optimizer"]) and ck["schedule"].get("kind") is None
+
+
+def test_warmup_cosine() -> None:
+    from nlnet.demo import WarmupCosine
+
+    s = WarmupCosine(0.002, max_iter=100, warmup_iters=10, warmup_factor=0.1)
+    assert s.lr_at(0) == pytest.approx(0.0002)
+    assert s.lr_at(5) == pytest.approx(0.002 * (0.1 * 0.5 + 0.5))
+    assert s.lr_at(10) == pytest.approx(0.002)
+    assert s.lr_at(55) == pytest.approx(0.001)  # half-way down the cosine
+    assert s.lr_at(100) == pytest.approx(0.0, abs=1e-12)
+    lrs = [s.lr_at(i) for i in range(10, 101)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+    t = WarmupCosine(1.0, 1)
+    t.load_state_dict(s.state_dict())
+    assert [t.lr_at(i) for i in range(100)] == [s.lr_at(i) for i in range(100)]
 
 
 def test_demo_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,8 +4,9 @@ Trains a small C2D network and the same network with one non-local block (§3.3)
 I3D one too — on the synthetic "colour match" task (:mod:`nlnet.data.synthetic`), whose label
 depends on two squares shown in frames far apart.  Every model trains through the real engine
 (:class:`nlnet.engine.trainer.Trainer`) from the recipes in ``configs/demo/`` with identical data,
-budget and seeds; a run stops early once its validation accuracy reaches ``--target`` (the same
-rule for every model).  Then each final checkpoint is scored by the engine's evaluation on a
+budget and seeds — with AdamW and a warm-up + cosine schedule by default (see ``DemoTrainer``);
+a run stops early once its validation accuracy reaches ``--target`` (the same rule for every
+model).  Then each final checkpoint is scored by the engine's evaluation on a
 separate held-out test set.  The run directory receives:
 
 * ``metrics.json`` — ``{"baseline": {"val_top1": …, "test_top1": …, …}, "nonlocal": {…}, …}``
@@ -44,13 +45,16 @@ TARGETS = {"nonlocal_min": 0.90, "baseline_max": 0.65, "seconds_max": 300.0}
 
 # --quick: a seconds-long smoke run of the whole pipeline (CI); the numbers mean nothing.
 QUICK_OVERRIDES = [
-    "solver.max_iter=12",
+    "solver.max_iter=8",
     "solver.warmup_iters=2",
-    "solver.steps=[10]",
-    "train.eval_period=6",
-    "train.log_period=3",
-    "data.extra.val_samples=32",
-    "eval.batch_size=32",
+    "solver.steps=[6]",
+    "solver.batch_size=8",
+    "solver.reference_batch_size=8",
+    "train.eval_period=4",
+    "train.log_period=2",
+    "train.precise_bn_batches=2",
+    "data.extra.val_samples=16",
+    "eval.batch_size=16",
 ]
 
 
@@ -63,15 +67,70 @@ class TargetReached(Exception):
     """Raised inside the training loop when validation accuracy reached the stop target."""
 
 
-def _early_stopping_trainer(stop_at: float | None) -> Any:
+class WarmupCosine:
+    """LR at an iteration: linear warm-up from ``warmup_factor·base_lr``, then cosine to 0.
+
+    Same interface as the engine's ``StepSchedule`` (``lr_at``, ``max_iter``, state dict).
+    """
+
+    def __init__(
+        self, base_lr: float, max_iter: int, warmup_iters: int = 0, warmup_factor: float = 0.1
+    ) -> None:
+        self.base_lr, self.max_iter = float(base_lr), int(max_iter)
+        self.warmup_iters, self.warmup_factor = int(warmup_iters), float(warmup_factor)
+
+    def lr_at(self, iteration: int) -> float:
+        if iteration < self.warmup_iters:
+            alpha = iteration / self.warmup_iters
+            return self.base_lr * (self.warmup_factor * (1 - alpha) + alpha)
+        span = max(1, self.max_iter - self.warmup_iters)
+        progress = min(1.0, (iteration - self.warmup_iters) / span)
+        return self.base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "warmup_cosine",
+            "base_lr": self.base_lr,
+            "max_iter": self.max_iter,
+            "warmup_iters": self.warmup_iters,
+            "warmup_factor": self.warmup_factor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base_lr, self.max_iter = float(state["base_lr"]), int(state["max_iter"])
+        self.warmup_iters = int(state["warmup_iters"])
+        self.warmup_factor = float(state["warmup_factor"])
+
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+
+
+def _demo_trainer(stop_at: float | None, optimizer: str) -> Any:
+    from nlnet.engine.optim import param_groups
     from nlnet.engine.trainer import Trainer
 
-    class EarlyStoppingTrainer(Trainer):
-        """The engine's trainer, stopping once val top-1 ≥ ``stop_at`` (a fraction).
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
 
-        The check runs right after the engine has recorded the validation result, so
-        ``metrics.jsonl`` holds the final point; the caller then writes the checkpoint.
+    class DemoTrainer(Trainer):
+        """The engine's trainer with two demo-only changes.
+
+        * ``optimizer="adamw"``: AdamW with a warm-up + cosine schedule instead of the engine's
+          SGD + steps, using the recipe's ``solver.base_lr``, ``weight_decay`` (none on BN),
+          ``warmup_iters`` and ``max_iter``.  On this task SGD sits at chance for longer (the
+          attention has to leave its uniform start), so AdamW fits the 5-minute budget.
+        * Early stopping once val top-1 ≥ ``stop_at`` (a fraction): checked right after the
+          engine has recorded the validation result, so ``metrics.jsonl`` holds the final
+          point; the caller then writes the checkpoint.
         """
+
+        def _prepare(self) -> None:
+            super()._prepare()
+            if optimizer == "adamw":
+                s = self.cfg.solver
+                groups = param_groups(self.model, s.weight_decay, s.weight_decay_bn)
+                self.schedule = WarmupCosine(s.base_lr, s.max_iter, s.warmup_iters, s.warmup_factor)
+                self.optimizer = torch.optim.AdamW(groups, lr=self.schedule.lr_at(0))
 
         def _record(self, rec: dict[str, Any]) -> None:
             super()._record(rec)
@@ -80,7 +139,7 @@ def _early_stopping_trainer(stop_at: float | None) -> Any:
                 if acc / 100.0 >= stop_at:
                     raise TargetReached(rec["iteration"])
 
-    return EarlyStoppingTrainer
+    return DemoTrainer
 
 
 @dataclass
@@ -105,6 +164,7 @@ def train_one(
     out: Path,
     overrides: list[str],
     stop_at: float | None,
+    optimizer: str = "adamw",
 ) -> RunResult:
     """Train one demo model through the engine, then score its checkpoint on the test set."""
     from nlnet.config import load_config
@@ -114,7 +174,7 @@ def train_one(
     run_dir = out / key
     cfg = load_config(config_dir / recipe, [*overrides, f"train.output_dir={run_dir}"])
     start = time.perf_counter()
-    trainer = _early_stopping_trainer(stop_at)(cfg)
+    trainer = _demo_trainer(stop_at, optimizer)(cfg)
     params = sum(p.numel() for p in trainer.model.parameters())
     stopped = False
     try:
@@ -350,7 +410,8 @@ def run_demo(
     quick: bool = False,
     with_i3d: bool = False,
     seed: int = 0,
-    stop_at: float | None = 0.97,
+    stop_at: float | None = 0.95,
+    optimizer: str = "adamw",
     config_dir: Path | None = None,
     extra_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -375,7 +436,7 @@ def run_demo(
     results = []
     for n, key in enumerate(keys, 1):
         print(f"[{n}/{len(keys)}] training {MODELS[key][1]} ...", file=sys.stderr, flush=True)
-        results.append(train_one(key, config_dir, out, overrides, stop_at))
+        results.append(train_one(key, config_dir, out, overrides, stop_at, optimizer))
     print("drawing figures ...", file=sys.stderr, flush=True)
     plot_runs([r.run_dir for r in results], out / "curves.png", labels=[r.label for r in results])
     by_key = {r.key: r for r in results}
@@ -410,6 +471,7 @@ def run_demo(
             "quick": quick,
             "seed": seed,
             "stop_at": stop_at,
+            "optimizer": optimizer,
             "targets": TARGETS,
             "targets_met": bool(ok),
             "accuracy_targets_met": bool(accuracy_ok),
@@ -438,8 +500,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         type=float,
-        default=0.97,
-        help="stop a run once its val accuracy reaches this fraction; 0 = never (default 0.97)",
+        default=0.95,
+        help="stop a run once its val accuracy reaches this fraction; 0 = never (default 0.95)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="adamw (warm-up + cosine, default) or sgd (the engine's SGD + LR steps)",
     )
     parser.add_argument(
         "--configs", default=None, help="directory of the demo recipes (default: configs/demo)"
@@ -464,6 +532,7 @@ def run(args: argparse.Namespace) -> int:
             with_i3d=args.i3d,
             seed=args.seed,
             stop_at=args.target or None,
+            optimizer=args.optimizer,
             config_dir=args.configs,
             extra_overrides=args.overrides,
         )
