@@ -63,7 +63,7 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("nlnet.engine.trainer", reason="the training engine is not installed")
     out = tmp_path_factory.mktemp("demo") / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "nlnet", "demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "nlnet", "demo", "--quick", "--i3d", "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -77,7 +77,7 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_quick_demo_writes_everything(quick_demo: Path) -> None:
     metrics = json.loads((quick_demo / "metrics.json").read_text())
-    for key in ("baseline", "nonlocal"):
+    for key in ("baseline", "nonlocal", "i3d"):
         m = metrics[key]
         assert 0.0 <= m["val_top1"] <= 1.0 and 0.0 <= m["test_top1"] <= 1.0
         assert m["iterations"] == m["max_iter"] == 8 and not m["stopped_early"]
@@ -88,7 +88,7 @@ def test_quick_demo_writes_everything(quick_demo: Path) -> None:
         # val_top1 is the engine's last validation record, as a fraction.
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert recs[-1]["split"] == "val" and recs[-1]["video_top1"] / 100 == m["val_top1"]
-    assert metrics["nonlocal"]["params"] > metrics["baseline"]["params"]
+    assert metrics["i3d"]["params"] > metrics["nonlocal"]["params"] > metrics["baseline"]["params"]
     # Default optimiser: AdamW with the warm-up + cosine schedule, saved in the checkpoint.
     ck = torch.load(next((quick_demo / "nonlocal" / "checkpoints").glob("*.pt")), weights_only=True)
     assert ck["schedule"]["kind"] == "warmup_cosine" and "exp_avg" in str(ck["optimizer"])

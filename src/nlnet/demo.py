@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -168,10 +169,16 @@ def train_one(
 ) -> RunResult:
     """Train one demo model through the engine, then score its checkpoint on the test set."""
     from nlnet.config import load_config
+    from nlnet.engine.checkpoint import checkpoint_path
     from nlnet.engine.evaluate import evaluate
 
     recipe, label = MODELS[key]
     run_dir = out / key
+    # A previous demo in the same directory: its checkpoints would be taken for this run's
+    # (and pruned against them), so they go; the engine restarts metrics.jsonl itself.
+    for stale in (run_dir / "checkpoints", run_dir / "test"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
     cfg = load_config(config_dir / recipe, [*overrides, f"train.output_dir={run_dir}"])
     start = time.perf_counter()
     trainer = _demo_trainer(stop_at, optimizer)(cfg)
@@ -187,11 +194,9 @@ def train_one(
     val = _last_val(run_dir)
     if result is not None and "video_top1" in result:
         val = result["video_top1"] / 100.0
-    from nlnet.engine.checkpoint import latest_checkpoint
-
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise RuntimeError(f"training {key} wrote no checkpoint in {run_dir}")
+    checkpoint = checkpoint_path(run_dir, trainer.iteration)
+    if not checkpoint.is_file():
+        raise RuntimeError(f"training {key} wrote no checkpoint {checkpoint}")
     test_cfg = load_config(config_dir / recipe, [*overrides, f"train.output_dir={run_dir}"])
     test = evaluate(test_cfg, checkpoint, run_dir / "test", split="test")
     return RunResult(
@@ -513,6 +518,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--configs", default=None, help="directory of the demo recipes (default: configs/demo)"
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: PyTorch's choice; 1 can be faster on a busy machine)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides for every model"
     )
 
@@ -524,6 +535,12 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     from nlnet.config import ConfigError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"nlnet demo: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
 
     try:
         metrics = run_demo(
