@@ -17,6 +17,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("nlnet.benchmark", "benchmark the non-local operation: auto vs explicit backend"),
     "demo": ("nlnet.demo", "train C2D vs C2D + non-local on a synthetic task (CPU, minutes)"),
     "visualize": ("nlnet.viz.cli", "draw where a non-local block looks (Figure 3)"),
+    "convert": ("nlnet.models.convert", "convert Caffe2 / PySlowFast / mmaction2 weights to nlnet"),
+    "flops": ("nlnet.flops", "parameters and FLOPs per stage of a model (Table 2e costs)"),
+    "data-check": (
+        "nlnet.data.check",
+        "scan a Kinetics/Charades/folder download: missing, unreadable",
+    ),
+    "train": ("nlnet.engine.trainer", "train a model from a YAML recipe (key=value overrides)"),
+    "eval": (
+        "nlnet.engine.evaluate",
+        "evaluate a checkpoint with the test protocol (clips x crops)",
+    ),
+    "plot": ("nlnet.viz.curves", "plot train/val error against iterations for runs (Figure 4)"),
 }
 
 
@@ -47,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"nlnet {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    # intermixed: `nlnet eval CONFIG --checkpoint CK key=value ...` (options between positionals)
+    args = sub.parse_intermixed_args(argv[1:])
     return int(module.run(args) or 0)
 
 

@@ -1,6 +1,37 @@
 """§4: video classifiers (C2D / I3D ResNets with non-local blocks), their registry and weights."""
 
-from nlnet.models import demo  # noqa: F401  (registers demo_c2d, demo_c2d_nl, demo_i3d)
+from nlnet.models import (
+    demo,  # noqa: F401  (registers demo_c2d, demo_c2d_nl, demo_i3d)
+    zoo,  # noqa: F401  (registers the paper's models)
+)
 from nlnet.models.registry import create_model, list_models, register_model
+from nlnet.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    FrozenBatchNorm,
+    Head,
+    ResStage,
+    Stem,
+    VideoResNet,
+    freeze_batch_norm,
+    nonlocal_blocks,
+)
+from nlnet.models.weights import LoadReport, UnsafeCheckpointError, load_weights
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "FrozenBatchNorm",
+    "Head",
+    "LoadReport",
+    "ResStage",
+    "Stem",
+    "UnsafeCheckpointError",
+    "VideoResNet",
+    "create_model",
+    "freeze_batch_norm",
+    "list_models",
+    "load_weights",
+    "nonlocal_blocks",
+    "register_model",
+]

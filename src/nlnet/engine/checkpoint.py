@@ -1,0 +1,224 @@
+"""Checkpoints: atomic writes, discovery of the newest, RNG capture, weight initialisation.
+
+A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, so it loads with
+``torch.load(weights_only=True)``: ``model``, ``optimizer``, ``schedule``, ``scaler``, ``rng``
+(one entry per process), ``iteration`` (the data position follows from it, see
+``engine/sampling.py``), ``config`` and ``nlnet_checkpoint`` (format version).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^iter_(\d+)\.pt$")
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same directory, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_path(output_dir: str | Path, iteration: int) -> Path:
+    return checkpoint_dir(output_dir) / f"iter_{iteration:08d}.pt"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints of a run directory, oldest first."""
+    d = checkpoint_dir(output_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for p in list_checkpoints(output_dir)[:-keep]:
+        p.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a file written by :func:`atomic_save` (tensors and plain values only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+    return obj
+
+
+def is_engine_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and "nlnet_checkpoint" in obj and "model" in obj
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states (torch CPU and CUDA, numpy, Python) as tensors/plain values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gauss": float(np_state[4]),
+        },
+        "python": _py_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gauss"],
+        )
+    )
+    random.setstate(_py_state_from_plain(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state_to_plain(s: tuple) -> list:
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_state_from_plain(s: list) -> tuple:
+    return (s[0], tuple(s[1]), s[2])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers (state-dict names without prefixes)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def init_from_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Copy the tensors of ``state`` whose name and shape match; report the rest.
+
+    Parameters the checkpoint lacks (e.g. the non-local blocks when initialising an NL model
+    from its baseline, paper §4.1) keep the model's own initialisation, which for NL blocks is
+    the identity mapping (Eq. 6 with zero-initialised W_z / BN γ).
+    """
+    own = model.state_dict()
+    loadable = {}
+    mismatched = []
+    for k, v in state.items():
+        if k in own:
+            if own[k].shape == v.shape:
+                loadable[k] = v
+            else:
+                mismatched.append(
+                    f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                )
+    model.load_state_dict(loadable, strict=False)
+    return {
+        "loaded": sorted(loadable),
+        "missing": sorted(k for k in own if k not in state),
+        "unexpected": sorted(k for k in state if k not in own),
+        "mismatched": mismatched,
+    }
+
+
+def _report_dict(report: Any) -> dict[str, list[str]]:
+    """A ``nlnet.models.LoadReport`` (or dict) as lists of strings."""
+    if isinstance(report, dict):
+        return {k: [str(x) for x in v] for k, v in report.items() if isinstance(v, list)}
+    out: dict[str, list[str]] = {}
+    for k in ("loaded", "missing", "unexpected", "nonlocal_identity"):
+        out[k] = [str(x) for x in getattr(report, k, [])]
+    out["mismatched"] = [
+        f"{m[0]}: checkpoint {tuple(m[1])} vs model {tuple(m[2])}"
+        if isinstance(m, tuple)
+        else str(m)
+        for m in getattr(report, "mismatched", [])
+    ]
+    return out
+
+
+def load_model_weights(model: nn.Module, source: str | Path) -> dict[str, list[str]]:
+    """Initialise ``model`` from ``source`` (engine checkpoint, state dict, converted weights).
+
+    Uses ``nlnet.models.load_weights`` (name conversion, 2D→3D inflation, BN folded into frozen
+    affines, non-local blocks left at identity); without it, copies the tensors whose name and
+    shape match (:func:`init_from_state_dict`). Returns the report as lists of names.
+    """
+    try:
+        from nlnet.models import load_weights  # type: ignore[attr-defined]
+    except ImportError:
+        load_weights = None
+    if load_weights is not None:
+        return _report_dict(load_weights(model, str(source)))
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        # A plain state dict, or one wrapped as {"model": ...} / {"state_dict": ...}.
+        for cand in (obj.get("model"), obj.get("state_dict"), obj):
+            if (
+                isinstance(cand, dict)
+                and cand
+                and all(isinstance(v, torch.Tensor) for v in cand.values())
+            ):
+                return init_from_state_dict(model, cand)
+    raise ValueError(f"cannot read weights from {source}: expected a state dict of tensors")

@@ -1,0 +1,142 @@
+"""``nlnet eval CONFIG --checkpoint CK [key=value ...]``: the test protocol of paper §4.2.
+
+Builds the task's "test" data set (``eval.num_clips`` clips × ``eval.test_crop`` views per video),
+scores every view once (sharded over ``torchrun`` processes without padding), aggregates per video
+and writes ``predictions.jsonl`` and ``metrics.json`` into the run directory
+(``<train.output_dir>/eval_<checkpoint name>`` unless ``--out`` is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from nlnet.config import Config, ConfigError, load_config
+from nlnet.engine import distributed as dist
+from nlnet.engine.checkpoint import is_engine_checkpoint, load_model_weights, unwrap
+from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
+from nlnet.engine.sampling import ShardSampler
+from nlnet.engine.task import Task, build_task
+
+
+def load_for_eval(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, list[str]]:
+    """Weights for testing: an engine checkpoint loads strictly; other formats (a converted
+    Caffe2 model, a plain state dict) go through :func:`load_model_weights` and report."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if is_engine_checkpoint(obj):
+            unwrap(model).load_state_dict(obj["model"])
+            return {"missing": [], "unexpected": [], "mismatched": []}
+    return load_model_weights(model, path)
+
+
+def evaluate(
+    cfg: Config,
+    checkpoint: str | Path,
+    out_dir: str | Path | None = None,
+    split: str = "test",
+    task: Task | None = None,
+) -> dict[str, Any]:
+    """Score ``checkpoint`` on the ``split`` set with ``cfg.eval``'s protocol (paper §4.2) and
+    write predictions and metrics under ``out_dir``; returns the metrics (all processes)."""
+    flags = global_flags()
+    try:
+        return _evaluate(cfg, checkpoint, out_dir, split, task)
+    finally:
+        restore_global_flags(flags)
+
+
+def _evaluate(
+    cfg: Config, checkpoint: str | Path, out_dir: str | Path | None, split: str, task: Task | None
+) -> dict[str, Any]:
+    device, rank, world = setup(cfg)
+    # Weights come from the checkpoint: skip the training-time initialisation.
+    cfg = copy.deepcopy(cfg)
+    cfg.model.pretrained = None
+    cfg.model.init_from = None
+    task = task if task is not None else build_task(cfg.task, cfg)
+    if cfg.model.num_classes is None:  # the test set gives the number of classes
+        task.build_dataset(split)
+    model = task.build_model()  # before the data otherwise: a bad model keyword fails at once
+    dataset = task.build_dataset(split)
+    report = load_for_eval(model, checkpoint)
+    if dist.is_main() and (report.get("missing") or report.get("mismatched")):
+        print(
+            f"nlnet eval: WARNING: {len(report.get('missing', []))} model tensors missing from "
+            f"{checkpoint} and {len(report.get('mismatched', []))} of the wrong shape; they keep "
+            f"their initial values (first: {(report.get('missing') or report.get('mismatched'))[:5]})",
+            file=sys.stderr,
+        )
+    model.to(device).eval()
+    loader = DataLoader(
+        dataset,
+        sampler=ShardSampler(len(dataset), rank, world),
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.eval.num_workers,
+        collate_fn=task.collate_fn(),
+        pin_memory=device.type == "cuda",
+    )
+    batches: Any = loader
+    if dist.is_main():
+        from tqdm import tqdm
+
+        batches = tqdm(
+            loader, desc=f"eval ({world} process(es))", file=sys.stderr, dynamic_ncols=True
+        )
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else Path(cfg.train.output_dir) / f"eval_{Path(checkpoint).stem}"
+    )
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), autocast_factory(cfg, device)():
+        result = task.evaluate(model, batches, device, out)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="the YAML recipe the model was trained with")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. eval.test_crop=full",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="engine checkpoint (.pt) or converted weights"
+    )
+    parser.add_argument(
+        "--out", default=None, help="directory for predictions.jsonl and metrics.json"
+    )
+    parser.add_argument(
+        "--split", default="test", choices=["test", "val"], help="data set mode (default: test)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = evaluate(cfg, args.checkpoint, args.out, args.split)
+        main = dist.is_main()
+    except ConfigError as e:
+        print(f"nlnet eval: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"nlnet eval: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+    if main:
+        print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,556 @@
+"""§4 / Table 1: a generic video ResNet (C2D, I3D) with non-local blocks, from small modules.
+
+One class, :class:`VideoResNet`, covers C2D, I3D-3×1×1 and I3D-3×3×3 (and small demo networks):
+each residual block receives its temporal kernel size, and ``inflate`` says which of its
+convolutions carries it.  Non-local blocks are inserted *after* the residual blocks named in a
+``{stage: [block indices]}`` mapping, like the original code (§5.3 of the reference).
+
+Parameter names (the checkpoint contract; the converters map every other layout onto these):
+
+==============================================  =============================================
+name                                            what it is
+==============================================  =============================================
+``stem.conv``, ``stem.bn``                      conv1 (kT×7×7, no bias) and its BN
+``res{s}.{i}.conv_a`` / ``bn_a``                bottleneck 1×1 (kT×1×1 when inflate="3x1x1")
+``res{s}.{i}.conv_b`` / ``bn_b``                bottleneck 3×3, carries the spatial stride
+                                                (kT×3×3 when inflate="3x3x3")
+``res{s}.{i}.conv_c`` / ``bn_c``                bottleneck 1×1 expansion (×4)
+``res{s}.{i}.shortcut_conv`` / ``shortcut_bn``  projection shortcut (first block of a stage)
+``res{s}.nonlocal{i}.*``                        NonLocalBlock after residual block ``i``
+                                                (names of :mod:`nlnet.block`)
+``head.fc``                                     the classifier (global avg pool → dropout → fc)
+==============================================  =============================================
+
+Stages are numbered like the paper: ``res2`` is the first (after the stem), ``res5`` the last of a
+ResNet-50.  A basic (two 3×3) block uses ``conv_a``/``bn_a`` and ``conv_b``/``bn_b`` only.
+With ``freeze_bn=True`` every backbone BN is a :class:`FrozenBatchNorm` whose state is
+``weight``/``bias`` (the folded scale and shift, like the original code's "affine" models).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nlnet.block import NonLocalBlock
+
+Triple = tuple[int, int, int]
+PoolSpec = tuple[Triple, Triple, Triple]  # (kernel, stride, padding)
+
+INFLATE_STYLES: tuple[str, ...] = ("3x1x1", "3x3x3")
+BLOCK_TYPES: tuple[str, ...] = ("bottleneck", "basic")
+
+
+def _triple(value: int | Sequence[int], name: str) -> Triple:
+    if isinstance(value, int):
+        return (value, value, value)
+    t = tuple(value)
+    if len(t) != 3 or not all(isinstance(v, int) and v >= 0 for v in t):
+        raise ValueError(f"{name} must be an int or 3 non-negative ints (T, H, W), got {value!r}")
+    return (t[0], t[1], t[2])
+
+
+class FrozenBatchNorm(nn.Module):
+    """A BN folded into a fixed per-channel affine y = x·weight + bias (the original AffineNd).
+
+    Used by the 128-frame recipe (§4.1, "all BN frozen"): neither the statistics nor the scale and
+    shift are trained.  ``weight``/``bias`` are buffers; a BatchNorm state dict loaded through
+    :func:`nlnet.models.load_weights` is folded: weight = γ/√(var+eps), bias = β − mean·weight.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features, device=device, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(num_features, device=device, dtype=dtype))
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm:
+        """Fold a trained BN (its running statistics and γ/β) into a frozen affine."""
+        out = cls(bn.num_features, bn.eps, device=bn.running_mean.device)
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+            if bn.affine:
+                scale = scale * bn.weight.float()
+            shift = -bn.running_mean.float() * scale
+            if bn.affine:
+                shift = shift + bn.bias.float()
+            out.weight.copy_(scale)
+            out.bias.copy_(shift)
+        return out.to(bn.running_mean.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.view(shape).to(x.dtype) + self.bias.view(shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class _NormFactory:
+    """Builds the backbone's norm layers: BatchNorm3d, or FrozenBatchNorm under ``freeze_bn``."""
+
+    def __init__(self, freeze: bool, eps: float, momentum: float, factory: dict[str, Any]) -> None:
+        self.freeze, self.eps, self.momentum, self.factory = freeze, eps, momentum, factory
+
+    def __call__(self, channels: int) -> nn.Module:
+        if self.freeze:
+            return FrozenBatchNorm(channels, self.eps, **self.factory)
+        return nn.BatchNorm3d(channels, eps=self.eps, momentum=self.momentum, **self.factory)
+
+
+class Stem(nn.Module):
+    """conv1 → BN → ReLU → pool1 (Table 1's first two rows)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: Triple,
+        stride: Triple,
+        padding: Triple,
+        pool: PoolSpec | None,
+        norm: _NormFactory,
+        factory: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(
+            in_channels, out_channels, kernel, stride, padding, bias=False, **factory
+        )
+        self.bn = norm(out_channels)
+        self.pool = None if pool is None else nn.MaxPool3d(pool[0], pool[1], pool[2])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        return x if self.pool is None else self.pool(x)
+
+
+class _Residual(nn.Module):
+    """Shared shortcut logic: projection (1×1×1 conv with the block's stride + BN) when needed."""
+
+    shortcut_conv: nn.Conv3d | None
+    shortcut_bn: nn.Module | None
+
+    def _make_shortcut(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        norm: _NormFactory,
+        factory: dict[str, Any],
+    ) -> None:
+        if in_channels != out_channels or stride != 1:
+            self.shortcut_conv = nn.Conv3d(
+                in_channels, out_channels, 1, (1, stride, stride), bias=False, **factory
+            )
+            self.shortcut_bn = norm(out_channels)
+        else:
+            self.shortcut_conv = None
+            self.shortcut_bn = None
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        if self.shortcut_conv is None:
+            return x
+        assert self.shortcut_bn is not None
+        return self.shortcut_bn(self.shortcut_conv(x))
+
+
+class Bottleneck(_Residual):
+    """ResNet v1 bottleneck, stride on the 3×3 (reference §5.4): 1×1 → 3×3 → 1×1, ×4 expansion.
+
+    ``temporal_kernel`` > 1 inflates ``conv_a`` (I3D-3×1×1) or ``conv_b`` (I3D-3×3×3), with
+    temporal padding ``temporal_kernel // 2`` so time is preserved.
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        *,
+        stride: int = 1,
+        temporal_kernel: int = 1,
+        inflate: str = "3x1x1",
+        norm: _NormFactory,
+        factory: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        out_channels = width * self.expansion
+        kt = temporal_kernel
+        a_t, b_t = (kt, 1) if inflate == "3x1x1" else (1, kt)
+        self.conv_a = nn.Conv3d(
+            in_channels, width, (a_t, 1, 1), padding=(a_t // 2, 0, 0), bias=False, **factory
+        )
+        self.bn_a = norm(width)
+        self.conv_b = nn.Conv3d(
+            width,
+            width,
+            (b_t, 3, 3),
+            stride=(1, stride, stride),
+            padding=(b_t // 2, 1, 1),
+            bias=False,
+            **factory,
+        )
+        self.bn_b = norm(width)
+        self.conv_c = nn.Conv3d(width, out_channels, 1, bias=False, **factory)
+        self.bn_c = norm(out_channels)
+        self._make_shortcut(in_channels, out_channels, stride, norm, factory)
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn_a(self.conv_a(x)))
+        y = F.relu(self.bn_b(self.conv_b(y)))
+        y = self.bn_c(self.conv_c(y))
+        return F.relu(y + self._shortcut(x))
+
+
+class BasicBlock(_Residual):
+    """Two 3×3 convolutions (ResNet-18/34 style); ``temporal_kernel`` inflates ``conv_a``."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        *,
+        stride: int = 1,
+        temporal_kernel: int = 1,
+        inflate: str = "3x1x1",
+        norm: _NormFactory,
+        factory: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        del inflate  # a basic block has one place for the temporal kernel
+        kt = temporal_kernel
+        self.conv_a = nn.Conv3d(
+            in_channels,
+            width,
+            (kt, 3, 3),
+            stride=(1, stride, stride),
+            padding=(kt // 2, 1, 1),
+            bias=False,
+            **factory,
+        )
+        self.bn_a = norm(width)
+        self.conv_b = nn.Conv3d(width, width, (1, 3, 3), padding=(0, 1, 1), bias=False, **factory)
+        self.bn_b = norm(width)
+        self._make_shortcut(in_channels, width, stride, norm, factory)
+        self.out_channels = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn_a(self.conv_a(x)))
+        y = self.bn_b(self.conv_b(y))
+        return F.relu(y + self._shortcut(x))
+
+
+class ResStage(nn.Sequential):
+    """One stage: residual blocks ``0..n-1``, with ``nonlocal{i}`` right after block ``i``."""
+
+
+class Head(nn.Module):
+    """Global average pool → dropout → fc (§4.1); any T×H×W gives (B, num_classes) logits."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, dropout: float, factory: dict[str, Any]
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, num_classes, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.mean(dim=(2, 3, 4))
+        return self.fc(self.dropout(x))
+
+
+def stage_name(stage: int | str) -> str:
+    """``3`` or ``"res3"`` → ``"res3"`` (stages are numbered like the paper: res2 is the first)."""
+    if isinstance(stage, int) and not isinstance(stage, bool):
+        return f"res{stage}"
+    if isinstance(stage, str) and stage.startswith("res") and stage[3:].isdigit():
+        return stage
+    raise ValueError(f"a stage is an int (2 for res2) or a name like 'res3', got {stage!r}")
+
+
+class VideoResNet(nn.Module):
+    """A C2D / I3D ResNet for (B, C, T, H, W) clips (§4, Table 1), with non-local blocks.
+
+    Args:
+        stage_blocks: residual blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+        stage_widths: inner width of each stage (64, 128, 256, 512); a bottleneck outputs 4×.
+        temporal_kernels: per stage, per block, the temporal kernel size (1 = a 2D kernel,
+            3 = inflated).  All ones is C2D; the I3D pattern of the original code is
+            ``[[3,3,3], [3,1,3,1], [3,1,3,1,3,1], [1,3,1]]`` (§2.2 of the reference).
+        inflate: which conv of a bottleneck carries the temporal kernel: ``"3x1x1"`` (the first
+            1×1, the original code's I3D) or ``"3x3x3"`` (the 3×3; Table 2e).
+        block: ``"bottleneck"`` (ResNet-50/101) or ``"basic"`` (two 3×3 convs).
+        stage_strides: spatial stride of the first block of each stage (default 1, 2, 2, …).
+        in_channels: input channels (3 for RGB).
+        stem_channels, stem_kernel, stem_stride, stem_padding: conv1 (default padding k // 2).
+        pool1: max-pool after the stem as ((kT,kH,kW), stride, padding), or ``None``.
+        pool2: max-pool after the first stage (Table 1's 3×1×1 / the code's 2×1×1), or ``None``.
+        nonlocal_blocks: ``{stage: [block indices]}``: a NonLocalBlock right after each listed
+            residual block (stage 3 or "res3"; indices 0-based).
+        nonlocal_kwargs: keyword arguments of :class:`nlnet.block.NonLocalBlock` for every block
+            (pairwise, extent, norm, temporal_groups, scale, pool_before_conv, backend, …).
+        nonlocal_stage_kwargs: per-stage overrides of ``nonlocal_kwargs``, e.g.
+            ``{3: {"temporal_groups": 4}}`` (the original 128-frame models' res3).
+        num_classes, dropout: the head (dropout 0.5 in the paper).
+        freeze_bn: every backbone BN becomes a :class:`FrozenBatchNorm` (the 128-frame recipe).
+        bn_eps, bn_momentum: backbone BN settings (the original code: 1e-5 and Caffe2's 0.9 =
+            PyTorch's 0.1).
+        zero_init_residual: start the last BN of each residual branch at γ = 0.
+        fc_init_std: std of the classifier's Gaussian init (0.01 in the original code).
+    """
+
+    def __init__(
+        self,
+        *,
+        stage_blocks: Sequence[int],
+        stage_widths: Sequence[int],
+        temporal_kernels: Sequence[Sequence[int]] | None = None,
+        inflate: str = "3x1x1",
+        block: str = "bottleneck",
+        stage_strides: Sequence[int] | None = None,
+        in_channels: int = 3,
+        stem_channels: int = 64,
+        stem_kernel: int | Sequence[int] = (1, 7, 7),
+        stem_stride: int | Sequence[int] = (2, 2, 2),
+        stem_padding: int | Sequence[int] | None = None,
+        pool1: PoolSpec | None = ((2, 3, 3), (2, 2, 2), (0, 0, 0)),
+        pool2: PoolSpec | None = ((2, 1, 1), (2, 1, 1), (0, 0, 0)),
+        nonlocal_blocks: Mapping[int | str, Sequence[int]] | None = None,
+        nonlocal_kwargs: Mapping[str, Any] | None = None,
+        nonlocal_stage_kwargs: Mapping[int | str, Mapping[str, Any]] | None = None,
+        num_classes: int = 400,
+        dropout: float = 0.5,
+        freeze_bn: bool = False,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+        zero_init_residual: bool = False,
+        fc_init_std: float = 0.01,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        n_stages = len(stage_blocks)
+        if n_stages == 0 or len(stage_widths) != n_stages:
+            raise ValueError(
+                f"stage_blocks and stage_widths must be non-empty and of equal length, got "
+                f"{list(stage_blocks)} and {list(stage_widths)}"
+            )
+        if any(not isinstance(n, int) or n < 1 for n in stage_blocks):
+            raise ValueError(f"stage_blocks must be positive ints, got {list(stage_blocks)}")
+        if inflate not in INFLATE_STYLES:
+            raise ValueError(f"unknown inflate {inflate!r}; expected one of {INFLATE_STYLES}")
+        if block not in BLOCK_TYPES:
+            raise ValueError(f"unknown block {block!r}; expected one of {BLOCK_TYPES}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if temporal_kernels is None:
+            temporal_kernels = [[1] * n for n in stage_blocks]
+        if len(temporal_kernels) != n_stages or any(
+            len(k) != n for k, n in zip(temporal_kernels, stage_blocks)
+        ):
+            raise ValueError(
+                f"temporal_kernels must give one kernel per block {list(stage_blocks)}, "
+                f"got {[list(k) for k in temporal_kernels]}"
+            )
+        if any(not isinstance(k, int) or k < 1 or k % 2 == 0 for s in temporal_kernels for k in s):
+            raise ValueError(
+                f"temporal kernels must be odd positive ints, got {[list(k) for k in temporal_kernels]}"
+            )
+        strides = list(stage_strides) if stage_strides is not None else [1] + [2] * (n_stages - 1)
+        if len(strides) != n_stages:
+            raise ValueError(f"stage_strides needs {n_stages} entries, got {strides}")
+
+        self.stage_names = [f"res{i + 2}" for i in range(n_stages)]
+        placement = self._placement(nonlocal_blocks or {}, stage_blocks)
+        overrides = {stage_name(k): dict(v) for k, v in (nonlocal_stage_kwargs or {}).items()}
+        for name in overrides:
+            if name not in self.stage_names:
+                raise ValueError(
+                    f"nonlocal_stage_kwargs names stage {name!r}; stages are {self.stage_names}"
+                )
+        self.inflate = inflate
+        self.freeze_bn = freeze_bn
+        self.fc_init_std = fc_init_std
+        self.zero_init_residual = zero_init_residual
+        norm = _NormFactory(freeze_bn, bn_eps, bn_momentum, factory)
+
+        kernel = _triple(stem_kernel, "stem_kernel")
+        padding = (
+            (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2)
+            if stem_padding is None
+            else _triple(stem_padding, "stem_padding")
+        )
+        self.stem = Stem(
+            in_channels,
+            stem_channels,
+            kernel,
+            _triple(stem_stride, "stem_stride"),
+            padding,
+            _pool_spec(pool1, "pool1"),
+            norm,
+            factory,
+        )
+        block_cls = Bottleneck if block == "bottleneck" else BasicBlock
+        channels = stem_channels
+        for s, (n, width, stride, kernels) in enumerate(
+            zip(stage_blocks, stage_widths, strides, temporal_kernels)
+        ):
+            name = self.stage_names[s]
+            layers: OrderedDict[str, nn.Module] = OrderedDict()
+            for i in range(n):
+                unit = block_cls(
+                    channels,
+                    width,
+                    stride=stride if i == 0 else 1,
+                    temporal_kernel=kernels[i],
+                    inflate=inflate,
+                    norm=norm,
+                    factory=factory,
+                )
+                layers[str(i)] = unit
+                channels = unit.out_channels
+                if i in placement.get(name, ()):
+                    kw = {**dict(nonlocal_kwargs or {}), **overrides.get(name, {})}
+                    layers[f"nonlocal{i}"] = NonLocalBlock(channels, dim=3, **kw, **factory)
+            self.add_module(name, ResStage(layers))
+            if s == 0:
+                spec = _pool_spec(pool2, "pool2")
+                self.pool2 = None if spec is None else nn.MaxPool3d(spec[0], spec[1], spec[2])
+        self.out_channels = channels
+        self.head = Head(channels, num_classes, dropout, factory)
+        self.reset_parameters()
+
+    @staticmethod
+    def _placement(
+        mapping: Mapping[int | str, Sequence[int]], stage_blocks: Sequence[int]
+    ) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        names = [f"res{i + 2}" for i in range(len(stage_blocks))]
+        if not isinstance(mapping, Mapping):
+            raise TypeError(
+                f"nonlocal_blocks must be a mapping {{stage: [block indices]}}, got {mapping!r}"
+            )
+        for key, indices in mapping.items():
+            name = stage_name(key)
+            if name not in names:
+                raise ValueError(f"nonlocal_blocks names stage {key!r}; stages are {names}")
+            n = stage_blocks[names.index(name)]
+            idx = tuple(sorted(set(indices)))
+            if any(not isinstance(i, int) or not 0 <= i < n for i in idx):
+                raise ValueError(
+                    f"nonlocal_blocks[{key!r}] = {list(indices)}: block indices must be in [0, {n})"
+                )
+            out[name] = idx
+        return out
+
+    def reset_parameters(self) -> None:
+        """MSRA init for convs, γ=1/β=0 for BN, N(0, 0.01) for the fc; NL blocks keep their own."""
+        in_nonlocal = {id(m) for b in nonlocal_blocks(self).values() for m in b.modules()}
+        for m in self.modules():
+            if id(m) in in_nonlocal:
+                continue  # the NL blocks have their own init (identity at start)
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                m.reset_parameters()
+        if self.zero_init_residual:
+            for m in self.modules():
+                last = getattr(m, "bn_c", None) or (
+                    getattr(m, "bn_b", None) if isinstance(m, BasicBlock) else None
+                )
+                if isinstance(last, nn.BatchNorm3d):
+                    nn.init.zeros_(last.weight)
+                elif isinstance(last, FrozenBatchNorm):
+                    last.weight.zero_()
+        nn.init.normal_(self.head.fc.weight, std=self.fc_init_std)
+        nn.init.zeros_(self.head.fc.bias)
+
+    def stages(self) -> list[ResStage]:
+        return [getattr(self, n) for n in self.stage_names]
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        """Every stage's output by name (``stem``, ``res2``, ``pool2``, ``res3``, …)."""
+        if x.dim() != 5:
+            raise ValueError(
+                f"VideoResNet expects (B, C, T, H, W) clips, got shape {tuple(x.shape)}"
+            )
+        feats: dict[str, Tensor] = {}
+        x = self.stem(x)
+        feats["stem"] = x
+        for i, name in enumerate(self.stage_names):
+            x = getattr(self, name)(x)
+            feats[name] = x
+            if i == 0 and self.pool2 is not None:
+                x = self.pool2(x)
+                feats["pool2"] = x
+        return feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, num_classes) for a clip (B, C, T, H, W) of any size."""
+        if x.dim() != 5:
+            raise ValueError(
+                f"VideoResNet expects (B, C, T, H, W) clips, got shape {tuple(x.shape)}"
+            )
+        x = self.stem(x)
+        for i, name in enumerate(self.stage_names):
+            x = getattr(self, name)(x)
+            if i == 0 and self.pool2 is not None:
+                x = self.pool2(x)
+        return self.head(x)
+
+
+def _pool_spec(spec: PoolSpec | None, name: str) -> PoolSpec | None:
+    if spec is None:
+        return None
+    if len(spec) != 3:
+        raise ValueError(f"{name} must be (kernel, stride, padding) or None, got {spec!r}")
+    return (
+        _triple(spec[0], f"{name} kernel"),
+        _triple(spec[1], f"{name} stride"),
+        _triple(spec[2], f"{name} padding"),
+    )
+
+
+def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
+    """Every :class:`NonLocalBlock` of ``model`` by its qualified name (e.g. ``res4.nonlocal5``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}
+
+
+def freeze_batch_norm(model: nn.Module, *, include_nonlocal: bool = False) -> nn.Module:
+    """Replace every backbone BatchNorm by its folded :class:`FrozenBatchNorm`, in place.
+
+    The original code's conversion to "affine" models before 128-frame fine-tuning (§4.1,
+    reference §5.4).  NL blocks' BN are kept unless ``include_nonlocal``.
+    """
+    skip = (
+        set()
+        if include_nonlocal
+        else {id(m) for b in nonlocal_blocks(model).values() for m in b.modules()}
+    )
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and id(child) not in skip:
+                setattr(module, child_name, FrozenBatchNorm.from_batch_norm(child))
+    if isinstance(model, VideoResNet):
+        model.freeze_bn = True
+    return model

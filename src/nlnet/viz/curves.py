@@ -1,0 +1,110 @@
+"""``nlnet plot RUN_DIR [RUN_DIR ...] [--out PNG]``: training curves like the paper's Figure 4.
+
+Figure 4 shows, for C2D and NL C2D, the training error (dashed) and the validation error (solid)
+against iterations. Each run directory's ``metrics.jsonl`` provides the points (records with
+``split`` "train" or "val" and an ``error`` value); when a resumed run re-logged an iteration, the
+last record wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_curves(
+    run_dir: str | Path, key: str = "error"
+) -> dict[str, tuple[list[int], list[float]]]:
+    """``{"train": (iterations, values), "val": (...)}`` from a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is this an nlnet run directory?)")
+    points: dict[str, dict[int, float]] = {"train": {}, "val": {}}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # a run still writing (or killed mid-line)
+                break
+            raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+        split = rec.get("split")
+        if split in points and isinstance(rec.get(key), int | float):
+            points[split][int(rec["iteration"])] = float(rec[key])
+    return {s: (sorted(p), [p[i] for i in sorted(p)]) for s, p in points.items()}
+
+
+def plot_runs(
+    run_dirs: list[str | Path], out: str | Path, key: str = "error", labels: list[str] | None = None
+) -> Path:
+    """Draw every run's train (dashed) and val (solid) ``key`` on one figure; write a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    drawn = 0
+    for i, run in enumerate(run_dirs):
+        curves = read_curves(run, key)
+        name = labels[i] if labels else Path(run).name
+        color = f"C{i % 10}"
+        tx, ty = curves["train"]
+        vx, vy = curves["val"]
+        if tx:
+            ax.plot(tx, ty, linestyle="--", color=color, linewidth=1.2, label=f"{name}, train")
+            drawn += 1
+        if vx:
+            ax.plot(
+                vx,
+                vy,
+                linestyle="-",
+                color=color,
+                linewidth=2.0,
+                marker="o" if len(vx) < 30 else None,
+                markersize=3,
+                label=f"{name}, val",
+            )
+            drawn += 1
+    if drawn == 0:
+        plt.close(fig)
+        raise ValueError(
+            f"no {key!r} values in the metrics.jsonl of {', '.join(map(str, run_dirs))}"
+        )
+    ax.set_xlabel("iterations")
+    ax.set_ylabel(f"{key} (%)" if key == "error" else key)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directories (train.output_dir)"
+    )
+    parser.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
+    parser.add_argument("--key", default="error", help="metric to plot (default: error, in %%)")
+    parser.add_argument("--labels", nargs="*", default=None, help="legend names, one per run")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = plot_runs(args.runs, args.out, args.key, args.labels)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"nlnet plot: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
