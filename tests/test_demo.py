@@ -146,3 +146,17 @@ def test_demo_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     pytest.importorskip("nlnet.engine.trainer", reason="the training engine is not installed")
     assert main(["demo", "--quick", "--configs", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_auto_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from nlnet.demo import auto_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert auto_threads() == 4  # idle: every core
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert auto_threads() == 1  # three cores busy elsewhere
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert auto_threads() == 1  # never fewer than one

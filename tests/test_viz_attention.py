@@ -214,8 +214,8 @@ def test_arrows_png(tmp_path) -> None:
     dist = np.abs(patch.astype(int) - red).sum(1).min()
     assert dist < 60, patch
     assert img[60, 700].tolist() == [0, 0, 0]
-    # Gaps between frames are white.
-    assert img[30, 24 * 4 + 2].tolist() == [255, 255, 255]
+    # Gaps between frames are grey.
+    assert img[30, 24 * 4 + 2].tolist() == [128, 128, 128]
 
 
 def test_heatmap(tmp_path) -> None:

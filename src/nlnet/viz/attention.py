@@ -383,9 +383,12 @@ def _frames_uint8(frames: Tensor | np.ndarray) -> np.ndarray:
     return f
 
 
+GAP_GREY = 128  # between frames: mid grey, distinct from black and white content
+
+
 def _canvas(frames: np.ndarray, shown: Sequence[int] | range, gap: int) -> np.ndarray:
     _, h, w, _ = frames.shape
-    canvas = np.full((h, len(shown) * w + (len(shown) - 1) * gap, 3), 255, np.uint8)
+    canvas = np.full((h, len(shown) * w + (len(shown) - 1) * gap, 3), GAP_GREY, np.uint8)
     for p, f in enumerate(shown):
         canvas[:, p * (w + gap) : p * (w + gap) + w] = frames[f]
     return canvas
@@ -445,7 +448,7 @@ def draw_attention_arrows(
         top_k: arrows per query (Figure 3 uses 20).
         shown_frames: which clip frames to draw (default all); keys elsewhere are not drawn.
         scale: output pixels per frame pixel (default: frames at least 128 px wide).
-        gap: white frame pixels between frames.
+        gap: grey frame pixels between frames.
 
     Arrow opacity is the key's display weight relative to the query's strongest key; each
     query has its own colour and is marked with a ring.  The PNG is exactly
@@ -482,7 +485,9 @@ def draw_attention_arrows(
             top = max((a.weight for a in arrs), default=1.0) or 1.0
             for a in reversed(arrs):  # strongest drawn last (on top)
                 kf, ky, kx = a.key
-                alpha = max(0.15, min(1.0, a.weight / top))
+                # Opacity grows with the weight relative to the query's strongest key (square
+                # root, so weak arrows stay visible but clearly weaker).
+                alpha = 0.2 + 0.8 * math.sqrt(max(0.0, min(1.0, a.weight / top)))
                 ax.add_patch(
                     FancyArrowPatch(
                         start,
@@ -559,7 +564,7 @@ def draw_attention_heatmap(
     scale = scale or max(1, math.ceil(128 / w))
     cmap = plt.get_cmap("inferno")
     row_canvas = _canvas(f, shown, gap).astype(np.float64) / 255
-    is_gap = np.all(_canvas(np.zeros_like(f), shown, gap) == 255, axis=-1)
+    is_gap = np.all(_canvas(np.zeros_like(f), shown, gap) == GAP_GREY, axis=-1)
     rows = []
     for q in queries:
         heat = heatmap_frames(a[int(q)], grid, shown)
@@ -575,9 +580,9 @@ def draw_attention_heatmap(
         coloured = cmap(heat_canvas)[..., :3]
         alpha = 0.25 + 0.75 * heat_canvas[..., None]
         blended = (1 - alpha) * (0.4 * row_canvas) + alpha * coloured
-        blended[is_gap] = 1.0
+        blended[is_gap] = GAP_GREY / 255
         rows.append(blended)
-    gap_row = np.ones((gap, rows[0].shape[1], 3))
+    gap_row = np.full((gap, rows[0].shape[1], 3), GAP_GREY / 255)
     stacked = rows[0]
     for r in rows[1:]:
         stacked = np.concatenate([stacked, gap_row, r], axis=0)
