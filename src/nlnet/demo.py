@@ -402,7 +402,7 @@ def write_report(
             "",
             f"Validation clip {attention['val_index']} (same colour), block "
             f"`{attention['block']}`. From a query at the centre of each square, arrows go to the",
-            "20 key positions with the largest weight f(x_i, x_j)/C(x) over all frames (opacity ∝",
+            "20 key positions with the largest weight f(x_i, x_j)/C(x) over all frames (opacity grows with",
             "weight). Keys are on the block's 2×2-pooled grid, drawn at the centre of the pixels",
             "they pool.",
             "",
