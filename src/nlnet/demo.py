@@ -540,7 +540,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--optimizer",
         default="adamw",
         choices=OPTIMIZERS,
-        help="adamw (warm-up + cosine, default) or sgd (the engine's SGD + LR steps)",
+        help="adamw (warm-up + cosine, default) or sgd (the engine's SGD + LR steps; give it solver.base_lr=0.05)",
     )
     parser.add_argument(
         "--configs", default=None, help="directory of the demo recipes (default: configs/demo)"
