@@ -16,6 +16,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("nlnet.benchmark", "benchmark the non-local operation: auto vs explicit backend"),
     "detect": ("nlnet.detection.detect", "draw a detector's boxes, masks and keypoints on images"),
+    "demo": ("nlnet.demo", "train C2D vs C2D + non-local on a synthetic task (CPU, minutes)"),
+    "visualize": ("nlnet.viz.cli", "draw where a non-local block looks (Figure 3)"),
     "convert": ("nlnet.models.convert", "convert Caffe2 / PySlowFast / mmaction2 weights to nlnet"),
     "flops": ("nlnet.flops", "parameters and FLOPs per stage of a model (Table 2e costs)"),
     "data-check": (

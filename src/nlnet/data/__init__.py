@@ -38,3 +38,5 @@ __all__ = [
     "register_dataset",
     "seed_worker",
 ]
+
+from nlnet.data import synthetic  # noqa: F401  (registers colour_match)
