@@ -1,1 +1,1 @@
-"""Figures: training curves (paper Figure 4)."""
+"""Figures: attention maps drawn on frames (paper Figure 3) and training curves (Figure 4)."""
