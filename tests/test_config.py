@@ -128,11 +128,9 @@ def test_recipe_loads_and_builds(path: Path) -> None:
             "reference_batch_size": 8,
         }
         assert cfg.data.extra == {"resize_to": 288} and cfg.data.test_scale == 320
-    from nlnet.models import list_models
+    from nlnet.models import create_model, list_models
 
-    if cfg.model.name not in list_models():
-        pytest.skip(f"model {cfg.model.name} is not registered in this checkout")
-    from nlnet.models import create_model
+    assert cfg.model.name in list_models(), f"{path}: unknown model {cfg.model.name}"
 
     kwargs = dict(cfg.model.kwargs, dropout=cfg.model.dropout)
     with torch.device("meta"):  # checks the builder accepts every keyword, without allocating
