@@ -4,10 +4,10 @@ One iteration = one optimiser step over the global batch (processes × micro-bat
 ``engine/optim.py``). Every ``train.checkpoint_period`` iterations (and at the end) BN statistics
 are re-estimated ("precise BN") and a checkpoint is written atomically by rank 0; every
 ``train.eval_period`` iterations the validation set is scored; with ``train.stop_at_val_top1``
-the run ends (checkpoint written) after the first validation whose top-1 reaches it. SIGTERM/SIGINT
-finish the current
-iteration, write a checkpoint and exit; ``train.resume=auto`` continues from it with the same
-data order, augmentation and random state, so the final weights equal an uninterrupted run's.
+the run ends (checkpoint written) after the first validation whose top-1 reaches it.
+SIGTERM/SIGINT finish the current iteration, write a checkpoint and exit; ``train.resume=auto``
+continues from it with the same data order, augmentation and random state, so the final weights
+equal an uninterrupted run's.
 """
 
 from __future__ import annotations
