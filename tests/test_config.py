@@ -67,6 +67,16 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         ("solver.steps=[1, x]", r"solver.steps\[1\]: expected an integer"),
         ("model=3", r"model: expected a mapping"),
         ("novalue", r"expected key=value"),
+        (
+            "solver.optimizer=adam",
+            r"solver.optimizer: expected one of 'sgd' \| 'adamw', got 'adam'",
+        ),
+        ("solver.schedule=poly", r"solver.schedule: expected one of 'step' \| 'cosine'"),
+        ("train.stop_at_val_top1=high", r"train.stop_at_val_top1: expected float \| None"),
+        (
+            "train.stop_at_val_top1=150",
+            r"train.stop_at_val_top1: expected .* percent in \[0, 100\]",
+        ),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -89,9 +88,11 @@ def test_quick_demo_writes_everything(quick_demo: Path) -> None:
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert recs[-1]["split"] == "val" and recs[-1]["video_top1"] / 100 == m["val_top1"]
     assert metrics["i3d"]["params"] > metrics["nonlocal"]["params"] > metrics["baseline"]["params"]
-    # Default optimiser: AdamW with the warm-up + cosine schedule, saved in the checkpoint.
+    # Default optimiser: the engine's AdamW with the warm-up + cosine schedule (the recipes'
+    # solver.optimizer/solver.schedule), saved in the checkpoint.
     ck = torch.load(next((quick_demo / "nonlocal" / "checkpoints").glob("*.pt")), weights_only=True)
-    assert ck["schedule"]["kind"] == "warmup_cosine" and "exp_avg" in str(ck["optimizer"])
+    assert ck["schedule"]["kind"] == "cosine" and "exp_avg" in str(ck["optimizer"])
+    assert ck["optimizer_kind"] == "adamw" and ck["config"]["train"]["stop_at_val_top1"] == 95.0
     assert metrics["quick"] is True and metrics["attention"]["block"] == "stages.1.nonlocal"
     for name in ("curves.png", "attention.png", "attention_heatmap.png"):
         img = Image.open(quick_demo / name)
@@ -107,8 +108,8 @@ def test_early_stopping(tmp_path: Path) -> None:
     pytest.importorskip("nlnet.engine.trainer", reason="the training engine is not installed")
     from nlnet.demo import QUICK_OVERRIDES, default_config_dir, train_one
 
-    # Any accuracy reaches a target of 0: the run stops at its first evaluation (iteration 4)
-    # and the demo writes the checkpoint the engine would have written at the end.
+    # Any accuracy reaches a target of 0: the engine's train.stop_at_val_top1 ends the run at
+    # its first evaluation (iteration 4) and writes the checkpoint there.
     result = train_one(
         "baseline", default_config_dir(), tmp_path, QUICK_OVERRIDES, stop_at=0.0, optimizer="sgd"
     )
@@ -117,25 +118,10 @@ def test_early_stopping(tmp_path: Path) -> None:
     ck = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
     assert ck["iteration"] == 4
     recs = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert recs[-1]["split"] == "val" and recs[-1]["iteration"] == 4
+    assert [(r["split"], r["iteration"]) for r in recs[-2:]] == [("val", 4), ("early_stop", 4)]
     # SGD: the engine's optimiser and step schedule were kept.
     assert "momentum_buffer" in str(ck["optimizer"]) and ck["schedule"].get("kind") is None
-
-
-def test_warmup_cosine() -> None:
-    from nlnet.demo import WarmupCosine
-
-    s = WarmupCosine(0.002, max_iter=100, warmup_iters=10, warmup_factor=0.1)
-    assert s.lr_at(0) == pytest.approx(0.0002)
-    assert s.lr_at(5) == pytest.approx(0.002 * (0.1 * 0.5 + 0.5))
-    assert s.lr_at(10) == pytest.approx(0.002)
-    assert s.lr_at(55) == pytest.approx(0.001)  # half-way down the cosine
-    assert s.lr_at(100) == pytest.approx(0.0, abs=1e-12)
-    lrs = [s.lr_at(i) for i in range(10, 101)]
-    assert all(a >= b for a, b in itertools.pairwise(lrs))
-    t = WarmupCosine(1.0, 1)
-    t.load_state_dict(s.state_dict())
-    assert [t.lr_at(i) for i in range(100)] == [s.lr_at(i) for i in range(100)]
+    assert ck["optimizer_kind"] == "sgd" and ck["config"]["solver"]["schedule"] == "step"
 
 
 def test_demo_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

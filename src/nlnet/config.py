@@ -87,6 +87,14 @@ class DataConfig:
 class SolverConfig:
     """Optimiser and schedule (paper §4.1; code values from the original ``configs/*.yaml``)."""
 
+    #: "sgd": the paper's SGD (``momentum``, ``nesterov``); "adamw": AdamW with PyTorch's default
+    #: betas (``momentum``/``nesterov`` unused). Both: ``weight_decay``, none on normalisation
+    #: layers (``weight_decay_bn``).
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    #: "step": warm-up, then ÷``1/gamma`` at ``steps`` (paper §4.1); "cosine": the same linear
+    #: warm-up, then ``base_lr·(1 + cos(π·progress))/2`` down to 0 at ``max_iter`` (``steps``,
+    #: ``gamma`` unused).
+    schedule: Literal["step", "cosine"] = "step"
     #: Learning rate for ``reference_batch_size`` clips per iteration.
     base_lr: float = 0.01
     momentum: float = 0.9
@@ -142,6 +150,10 @@ class TrainConfig:
     resume: str = "auto"
     #: tqdm progress bar on rank 0.
     progress: bool = True
+    #: Early stop: after a validation whose ``video_top1`` reaches this value — in percent, the
+    #: unit of the engine's validation metrics (95.0, not 0.95) — write a checkpoint and end the
+    #: run (``metrics.jsonl`` gets an ``early_stop`` record). null: train to ``solver.max_iter``.
+    stop_at_val_top1: float | None = None
 
 
 @dataclass
@@ -379,6 +391,14 @@ def validate(cfg: Config) -> Config:
     positive("train.log_period", t.log_period)
     positive("train.precise_bn_batches", t.precise_bn_batches, True)
     positive("train.keep_checkpoints", t.keep_checkpoints, True)
+    if t.stop_at_val_top1 is not None:
+        if not 0 <= t.stop_at_val_top1 <= 100:
+            raise ConfigError(
+                "train.stop_at_val_top1: expected a top-1 accuracy in percent in [0, 100] "
+                f"(the unit of the validation metrics), got {t.stop_at_val_top1}"
+            )
+        if t.eval_period == 0:
+            raise ConfigError("train.stop_at_val_top1 needs validations: set train.eval_period > 0")
     positive("data.clip_length", d.clip_length)
     positive("data.sampling_rate", d.sampling_rate)
     positive("data.crop_size", d.crop_size)

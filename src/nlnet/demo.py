@@ -4,9 +4,10 @@ Trains a small C2D network and the same network with one non-local block (§3.3)
 I3D one too — on the synthetic "colour match" task (:mod:`nlnet.data.synthetic`), whose label
 depends on two squares shown in frames far apart.  Every model trains through the real engine
 (:class:`nlnet.engine.trainer.Trainer`) from the recipes in ``configs/demo/`` with identical data,
-budget and seeds — with AdamW and a warm-up + cosine schedule by default (see ``DemoTrainer``);
-a run stops early once its validation accuracy reaches ``--target`` (the same rule for every
-model).  Then each final checkpoint is scored by the engine's evaluation on a
+budget and seeds — with AdamW and a warm-up + cosine schedule by default
+(``solver.optimizer``/``solver.schedule`` in the recipes); a run stops early once its validation
+accuracy reaches ``--target`` (the engine's ``train.stop_at_val_top1``, the same rule for every
+model), so ``nlnet train configs/demo/c2d_nl.yaml`` trains exactly what the demo trains.  Then each final checkpoint is scored by the engine's evaluation on a
 separate held-out test set.  The run directory receives:
 
 * ``metrics.json`` — ``{"baseline": {"val_top1": …, "test_top1": …, …}, "nonlocal": {…}, …}``
@@ -79,83 +80,25 @@ def auto_threads() -> int:
     return max(1, min(cores, cores - math.floor(load + 0.5)))
 
 
-class TargetReached(Exception):
-    """Raised inside the training loop when validation accuracy reached the stop target."""
+# --optimizer: the engine's solver.optimizer / solver.schedule pair it selects.
+OPTIMIZERS: dict[str, tuple[str, str]] = {"adamw": ("adamw", "cosine"), "sgd": ("sgd", "step")}
 
 
-class WarmupCosine:
-    """LR at an iteration: linear warm-up from ``warmup_factor·base_lr``, then cosine to 0.
+def engine_overrides(stop_at: float | None, optimizer: str) -> list[str]:
+    """The demo's options as engine config keys (``configs/demo/_base.yaml`` sets the defaults).
 
-    Same interface as the engine's ``StepSchedule`` (``lr_at``, ``max_iter``, state dict).
+    ``stop_at`` is a fraction like the demo's other numbers; the engine's validation metrics,
+    hence ``train.stop_at_val_top1``, are in percent.
     """
-
-    def __init__(
-        self, base_lr: float, max_iter: int, warmup_iters: int = 0, warmup_factor: float = 0.1
-    ) -> None:
-        self.base_lr, self.max_iter = float(base_lr), int(max_iter)
-        self.warmup_iters, self.warmup_factor = int(warmup_iters), float(warmup_factor)
-
-    def lr_at(self, iteration: int) -> float:
-        if iteration < self.warmup_iters:
-            alpha = iteration / self.warmup_iters
-            return self.base_lr * (self.warmup_factor * (1 - alpha) + alpha)
-        span = max(1, self.max_iter - self.warmup_iters)
-        progress = min(1.0, (iteration - self.warmup_iters) / span)
-        return self.base_lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "warmup_cosine",
-            "base_lr": self.base_lr,
-            "max_iter": self.max_iter,
-            "warmup_iters": self.warmup_iters,
-            "warmup_factor": self.warmup_factor,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base_lr, self.max_iter = float(state["base_lr"]), int(state["max_iter"])
-        self.warmup_iters = int(state["warmup_iters"])
-        self.warmup_factor = float(state["warmup_factor"])
-
-
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
-
-
-def _demo_trainer(stop_at: float | None, optimizer: str) -> Any:
-    from nlnet.engine.optim import param_groups
-    from nlnet.engine.trainer import Trainer
-
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
-
-    class DemoTrainer(Trainer):
-        """The engine's trainer with two demo-only changes.
-
-        * ``optimizer="adamw"``: AdamW with a warm-up + cosine schedule instead of the engine's
-          SGD + steps, using the recipe's ``solver.base_lr``, ``weight_decay`` (none on BN),
-          ``warmup_iters`` and ``max_iter``.  On this task SGD sits at chance for longer (the
-          attention has to leave its uniform start), so AdamW fits the 5-minute budget.
-        * Early stopping once val top-1 ≥ ``stop_at`` (a fraction): checked right after the
-          engine has recorded the validation result, so ``metrics.jsonl`` holds the final
-          point; the caller then writes the checkpoint.
-        """
-
-        def _prepare(self) -> None:
-            super()._prepare()
-            if optimizer == "adamw":
-                s = self.cfg.solver
-                groups = param_groups(self.model, s.weight_decay, s.weight_decay_bn)
-                self.schedule = WarmupCosine(s.base_lr, s.max_iter, s.warmup_iters, s.warmup_factor)
-                self.optimizer = torch.optim.AdamW(groups, lr=self.schedule.lr_at(0))
-
-        def _record(self, rec: dict[str, Any]) -> None:
-            super()._record(rec)
-            acc = rec.get("video_top1")
-            if stop_at is not None and rec.get("split") == "val" and isinstance(acc, float):
-                if acc / 100.0 >= stop_at:
-                    raise TargetReached(rec["iteration"])
-
-    return DemoTrainer
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {tuple(OPTIMIZERS)}")
+    opt, schedule = OPTIMIZERS[optimizer]
+    stop = "null" if stop_at is None else repr(float(stop_at) * 100.0)
+    return [
+        f"solver.optimizer={opt}",
+        f"solver.schedule={schedule}",
+        f"train.stop_at_val_top1={stop}",
+    ]
 
 
 @dataclass
@@ -186,6 +129,7 @@ def train_one(
     from nlnet.config import load_config
     from nlnet.engine.checkpoint import checkpoint_path
     from nlnet.engine.evaluate import evaluate
+    from nlnet.engine.trainer import Trainer
 
     recipe, label = MODELS[key]
     run_dir = out / key
@@ -194,25 +138,22 @@ def train_one(
     for stale in (run_dir / "checkpoints", run_dir / "test"):
         if stale.is_dir():
             shutil.rmtree(stale)
-    cfg = load_config(config_dir / recipe, [*overrides, f"train.output_dir={run_dir}"])
+    # The demo's options first, so key=value overrides given to `nlnet demo` still win.
+    overrides = [*engine_overrides(stop_at, optimizer), *overrides, f"train.output_dir={run_dir}"]
+    cfg = load_config(config_dir / recipe, overrides)
     start = time.perf_counter()
-    trainer = _demo_trainer(stop_at, optimizer)(cfg)
+    trainer = Trainer(cfg)
     params = sum(p.numel() for p in trainer.model.parameters())
-    stopped = False
-    try:
-        result = trainer.run()
-    except TargetReached:
-        stopped = True
-        trainer.save()  # the engine's checkpoint of the model as it stopped
-        result = None
+    result = trainer.run()  # writes the final checkpoint, also when it stops early
+    stopped = trainer.early_stop is not None
     seconds = time.perf_counter() - start
     val = _last_val(run_dir)
-    if result is not None and "video_top1" in result:
+    if "video_top1" in result:
         val = result["video_top1"] / 100.0
     checkpoint = checkpoint_path(run_dir, trainer.iteration)
     if not checkpoint.is_file():
         raise RuntimeError(f"training {key} wrote no checkpoint {checkpoint}")
-    test_cfg = load_config(config_dir / recipe, [*overrides, f"train.output_dir={run_dir}"])
+    test_cfg = load_config(config_dir / recipe, overrides)
     test = evaluate(test_cfg, checkpoint, run_dir / "test", split="test")
     return RunResult(
         key=key,
@@ -539,7 +480,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimizer",
         default="adamw",
-        choices=OPTIMIZERS,
+        choices=tuple(OPTIMIZERS),
         help="adamw (warm-up + cosine, default) or sgd (the engine's SGD + LR steps; give it solver.base_lr=0.05)",
     )
     parser.add_argument(

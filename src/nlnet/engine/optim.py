@@ -2,8 +2,10 @@
 
 * SGD with momentum 0.9 and Nesterov, weight decay 1e-4 except on normalisation parameters
   (the original code excludes every blob whose name contains ``_bn``; biases keep decay).
+  ``solver.optimizer=adamw`` swaps in AdamW with the same parameter groups (not in the paper).
 * LR: ``base_lr · gamma^(number of steps passed)`` (÷10 at 150k and 300k of 400k), optional
-  linear warm-up.
+  linear warm-up; ``solver.schedule=cosine``: the same warm-up, then a cosine to 0 at
+  ``max_iter`` (not in the paper; the CPU demo uses it).
 * Batch adaptation when fewer clips than the recipe's 64 fit per iteration: gradient
   accumulation, or the linear scaling rule (LR × global/reference, schedule × reference/global).
 """
@@ -114,6 +116,53 @@ class StepSchedule:
         self.gamma = float(state["gamma"])
 
 
+class CosineSchedule:
+    """LR at an iteration: linear warm-up from ``warmup_factor·base_lr`` over ``warmup_iters``,
+    then ``base_lr·(1 + cos(π·p))/2`` with ``p`` going from 0 to 1 between ``warmup_iters`` and
+    ``max_iter``. Same interface as :class:`StepSchedule` (batch plan applied the same way)."""
+
+    def __init__(self, s: SolverConfig, plan: BatchPlan) -> None:
+        f = plan.iter_factor
+        self.base_lr = s.base_lr * plan.lr_factor
+        self.max_iter = max(1, round(s.max_iter * f))
+        self.warmup_iters = round(s.warmup_iters * f)
+        self.warmup_factor = s.warmup_factor
+
+    def lr_at(self, iteration: int) -> float:
+        if iteration < self.warmup_iters:
+            alpha = iteration / self.warmup_iters
+            return self.base_lr * (self.warmup_factor * (1 - alpha) + alpha)
+        span = max(1, self.max_iter - self.warmup_iters)
+        progress = min(1.0, (iteration - self.warmup_iters) / span)
+        return self.base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "cosine",
+            "base_lr": self.base_lr,
+            "max_iter": self.max_iter,
+            "warmup_iters": self.warmup_iters,
+            "warmup_factor": self.warmup_factor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "cosine":
+            raise ValueError(f"not a cosine schedule state: {state}")
+        self.base_lr = float(state["base_lr"])
+        self.max_iter = int(state["max_iter"])
+        self.warmup_iters = int(state["warmup_iters"])
+        self.warmup_factor = float(state["warmup_factor"])
+
+
+def build_schedule(s: SolverConfig, plan: BatchPlan) -> StepSchedule | CosineSchedule:
+    """The schedule ``solver.schedule`` names."""
+    if s.schedule == "step":
+        return StepSchedule(s, plan)
+    if s.schedule == "cosine":
+        return CosineSchedule(s, plan)
+    raise ConfigError(f"solver.schedule: expected one of 'step' | 'cosine', got {s.schedule!r}")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, scale_momentum: bool) -> None:
     """Set the LR of every group. With ``scale_momentum=False`` emulate Caffe2's buffer (which
     holds lr·velocity and is not rescaled) by multiplying PyTorch's buffer by old/new LR."""
@@ -127,13 +176,20 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, scale_momentum: bool) ->
         group["lr"] = lr
 
 
-def build_optimizer(model: nn.Module, s: SolverConfig, lr: float) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, s: SolverConfig, lr: float) -> torch.optim.Optimizer:
+    """``solver.optimizer``: SGD (momentum, Nesterov; paper §4.1) or AdamW (default betas); both
+    with weight decay except on normalisation layers (:func:`param_groups`)."""
     groups = param_groups(model, s.weight_decay, s.weight_decay_bn)
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.SGD(
-        groups, lr=lr, momentum=s.momentum, nesterov=s.nesterov and s.momentum > 0
-    )
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=s.momentum, nesterov=s.nesterov and s.momentum > 0
+        )
+    if s.optimizer == "adamw":
+        # Each group carries its own weight_decay, so AdamW's default (0.01) is never used.
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ConfigError(f"solver.optimizer: expected one of 'sgd' | 'adamw', got {s.optimizer!r}")
 
 
 def is_finite(x: float) -> bool:

@@ -3,9 +3,11 @@
 One iteration = one optimiser step over the global batch (processes × micro-batches, see
 ``engine/optim.py``). Every ``train.checkpoint_period`` iterations (and at the end) BN statistics
 are re-estimated ("precise BN") and a checkpoint is written atomically by rank 0; every
-``train.eval_period`` iterations the validation set is scored. SIGTERM/SIGINT finish the current
-iteration, write a checkpoint and exit; ``train.resume=auto`` continues from it with the same
-data order, augmentation and random state, so the final weights equal an uninterrupted run's.
+``train.eval_period`` iterations the validation set is scored; with ``train.stop_at_val_top1``
+the run ends (checkpoint written) after the first validation whose top-1 reaches it.
+SIGTERM/SIGINT finish the current iteration, write a checkpoint and exit; ``train.resume=auto``
+continues from it with the same data order, augmentation and random state, so the final weights
+equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ from nlnet.engine.checkpoint import (
     set_rng_state,
     unwrap,
 )
-from nlnet.engine.optim import BatchPlan, StepSchedule, build_optimizer, plan_batches, set_lr
+from nlnet.engine.optim import (
+    BatchPlan,
+    build_optimizer,
+    build_schedule,
+    plan_batches,
+    set_lr,
+)
 from nlnet.engine.precise_bn import bn_modules, keep_frozen, update_bn_stats
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
@@ -92,10 +100,13 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         self.autocast = autocast_factory(cfg, self.device)
         self._stop_signal = 0
+        #: The ``early_stop`` record when ``train.stop_at_val_top1`` ended the run, else None.
+        self.early_stop: dict[str, Any] | None = None
 
     # -- set-up -------------------------------------------------------------------------------
     def _prepare(self) -> None:
         cfg = self.cfg
+        self._resumed_stop: dict[str, Any] | None = None
         torch.manual_seed(derive_seed(cfg.train.seed, self.rank, 3))
         self.train_set = self.task.build_dataset("train")
         self.val_set = self.task.build_dataset("val") if cfg.train.eval_period > 0 else None
@@ -103,7 +114,7 @@ class Trainer:
         if cfg.train.sync_bn and self.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             self.model = model
-        self.schedule = StepSchedule(cfg.solver, self.plan)
+        self.schedule = build_schedule(cfg.solver, self.plan)
         self.optimizer = build_optimizer(model, cfg.solver, self.schedule.lr_at(0))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.iteration = 0
@@ -143,6 +154,14 @@ class Trainer:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return
         ck = load_checkpoint(path, map_location=self.device)
+        # Checkpoints from before solver.optimizer existed were all SGD.
+        kind = ck.get("optimizer_kind", "sgd")
+        if kind != self.cfg.solver.optimizer:
+            raise ConfigError(
+                f"solver.optimizer: the checkpoint {path} was trained with {kind!r}, the config says "
+                f"{self.cfg.solver.optimizer!r}; resume with the same optimizer (or "
+                "train.resume=none, or model.init_from to start a new run from its weights)"
+            )
         unwrap(self.model).load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         # The schedule follows the config given now (so a run can be extended by raising
@@ -154,6 +173,7 @@ class Trainer:
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.iteration = int(ck["iteration"])
+        self._resumed_stop = ck.get("early_stop")
         rngs = ck.get("rng") or []
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank])
@@ -251,6 +271,7 @@ class Trainer:
                 "iteration": self.iteration,
                 "model": unwrap(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "optimizer_kind": self.cfg.solver.optimizer,
                 "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "rng": rngs,
@@ -258,6 +279,8 @@ class Trainer:
                 "global_batch": self.plan.global_batch,
                 "config": to_dict(self.cfg),
             }
+            if self.early_stop is not None:
+                state["early_stop"] = self.early_stop
             atomic_save(state, path)
             prune_checkpoints(self.out, self.cfg.train.keep_checkpoints)
         dist.barrier()
@@ -287,6 +310,17 @@ class Trainer:
             log_dir=str(self.out / "tensorboard"), purge_step=self.iteration or None
         )
 
+    def _reached(self, result: dict[str, Any], target: float) -> bool:
+        """Whether a validation result meets ``train.stop_at_val_top1`` (both in percent)."""
+        value = result.get("video_top1")
+        if not isinstance(value, int | float):
+            raise ConfigError(
+                "train.stop_at_val_top1: this task's validation reports no video_top1 (it "
+                f"reports {sorted(k for k, v in result.items() if isinstance(v, int | float))}); "
+                "set train.stop_at_val_top1=null"
+            )
+        return value >= target
+
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         try:
@@ -305,6 +339,15 @@ class Trainer:
         )
         self._open_tensorboard()
         last_eval: dict[str, Any] = {}
+        target = cfg.train.stop_at_val_top1
+        done = self._resumed_stop
+        if done is not None and target is not None and done["video_top1"] >= target:
+            # The checkpoint is the end of a run that stopped early under this same target.
+            self.early_stop = done
+            _log(f"already finished (stopped early at iteration {self.iteration}: {done})")
+            if self.tb is not None:
+                self.tb.close()
+            return last_eval
         if self.iteration >= max_iter:
             _log(f"already finished ({self.iteration}/{max_iter} iterations)")
             if self.tb is not None:
@@ -421,8 +464,23 @@ class Trainer:
                             f"{k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float)
                         )
                     )
-                if do_ckpt:
+                reached = do_eval and target is not None and self._reached(last_eval, target)
+                if reached:
+                    self.early_stop = {
+                        "iteration": it,
+                        "split": "early_stop",
+                        "video_top1": float(last_eval["video_top1"]),
+                        "stop_at_val_top1": target,
+                    }
+                if do_ckpt or reached:
                     last_good = self.save()
+                if reached and self.early_stop is not None:
+                    self._record(self.early_stop)
+                    _log(
+                        f"iteration {it}: val video_top1 {last_eval['video_top1']:.4g} reached "
+                        f"train.stop_at_val_top1={target:g}; checkpoint {last_good}, stopping"
+                    )
+                    break
                 if stop and it < max_iter:
                     path = last_good if do_ckpt else self.save()
                     raise Interrupted(self._stop_signal or signal.SIGTERM, it, path)
