@@ -35,15 +35,8 @@ from nlnet.data.video import (
 )
 from videos import frame_index, make_frame_folder, make_video, truncate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Clip-sized tensor ops are small: intra-op threads only add synchronisation (much of it on
-    # a loaded 2-core machine); DataLoader workers run single-threaded too.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Clip-sized tensor ops are small: intra-op threads only add synchronisation.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- sampling -----------------------------------------------------------------------------------

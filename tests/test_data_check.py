@@ -5,21 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from nlnet.cli import main
 from videos import make_frame_folder, make_video, truncate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Clip-sized tensor ops are small: intra-op threads only add synchronisation (much of it on
-    # a loaded 2-core machine); DataLoader workers run single-threaded too.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Clip-sized tensor ops are small: intra-op threads only add synchronisation.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CSV = """label,youtube_id,time_start,time_end,split,is_cc

@@ -28,6 +28,7 @@ def test_every_table_row_has_a_recipe() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_recipe_builds_its_detector(path: Path) -> None:
     from nlnet import config
+
     cfg = config.load_config(path)
     assert cfg.task == "detection" and cfg.model.name == path.stem
     assert (cfg.solver.base_lr, cfg.solver.reference_batch_size) == (0.02, 16)
