@@ -42,6 +42,8 @@ def charades157() -> list[str]:
     for i, line in enumerate(_read("charades157.txt")):
         code, _, name = line.partition(" ")
         if code != f"c{i:03d}" or not name.strip():
-            raise ValueError(f"charades157.txt line {i + 1}: expected 'c{i:03d} <name>', got {line!r}")
+            raise ValueError(
+                f"charades157.txt line {i + 1}: expected 'c{i:03d} <name>', got {line!r}"
+            )
         names.append(name.strip())
     return names
