@@ -587,3 +587,57 @@ def test_cli_lists_and_downloads(
     (tmp_path / "tiny_8x8.pkl").write_bytes(data)
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == f"{entry.name}: {tmp_path / entry.cached_name}"
+
+
+# -- real-size entries, converted from Caffe2-layout files built here (slow) -----------------
+def _random_weights(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial weights and BN statistics at a scale that keeps a deep ResNet finite."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.dim() == 1 and name.endswith("weight"):
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.25)
+            elif t.dim() == 1:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            else:
+                fan_in = t[0].numel()
+                t.copy_(torch.randn(t.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "frames", "size"),
+    [
+        # original layout, frozen BN; res3 has T=8: two groups of 4 frames
+        ("i3d_r50_nl5.orig_128x1_k400", 64, 32),
+        ("i3d_r50_nl5.pysf_8x8_k400", 8, 64),  # PySlowFast layout, NL with BN
+        ("c2d_r50.pysf_nopool_8x8_k400", 8, 64),  # no temporal pool after res2
+    ],
+)
+def test_registry_entry_converts_a_file_of_its_layout(
+    name: str, frames: int, size: int, tmp_path: Path, one_thread: None
+) -> None:
+    entry = hub.get_weights(name)
+    source = _random_weights(
+        create_model(entry.arch, num_classes=400, **entry.model_kwargs), seed=3
+    )
+    (tmp_path / entry.filename).write_bytes(_caffe2_pickle(source))
+    path = hub.resolve_weights(name, offline=True, cache_dir=tmp_path)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    assert ck["source"] == entry.url and ck["classes"] == kinetics400()
+    assert ck["preprocessing"] == entry.preprocessing()
+    for k, v in entry.model_kwargs.items():
+        assert ck["model_kwargs"].get(k) == v, k
+    model = create_model(ck["arch"], num_classes=ck["num_classes"], **ck["model_kwargs"])
+    model.load_state_dict(ck["model"])
+    x = torch.randn(1, 3, frames, size, size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = source.double()(x.double())
+        got = model.double().eval()(x.double())
+    assert want.std() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
