@@ -755,8 +755,9 @@ def download_weights(
     entry = spec if isinstance(spec, WeightsEntry) else get_weights(spec)
     offline = offline or _env_offline()
     cache = _cache_path(cache_dir)
+    extracted = None
     if entry.member is not None:
-        extracted = cache / Path(entry.filename).name.split(".")[0] / entry.member
+        extracted = cache / entry.filename.split(".")[0] / entry.member
         if extracted.is_file():
             return extracted
     raw = _fetch(
@@ -767,7 +768,7 @@ def download_weights(
         progress=progress,
         owner=entry,
     )
-    if entry.member is not None:
+    if entry.member is not None and extracted is not None:
         return _extract_member(raw, entry.member, extracted)
     return raw
 
