@@ -8,6 +8,7 @@ converted file can be checked against the source model's logits.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -636,6 +637,76 @@ def test_registry_entry_converts_a_file_of_its_layout(
     model = create_model(ck["arch"], num_classes=ck["num_classes"], **ck["model_kwargs"])
     model.load_state_dict(ck["model"])
     x = torch.randn(1, 3, frames, size, size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = source.double()(x.double())
+        got = model.double().eval()(x.double())
+    assert want.std() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _mmaction2_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """nlnet names → mmaction2 ResNet3d / mmcv NonLocal3d names (sub-sampled g/phi: ``.0``)."""
+    out: dict[str, torch.Tensor] = {}
+    abc = {"a": "1", "b": "2", "c": "3"}
+    for key, t in model.state_dict().items():
+        if m := re.fullmatch(r"stem\.(conv|bn)\.(\w+)", key):
+            name = f"backbone.conv1.{m[1]}.{m[2]}"
+        elif m := re.fullmatch(r"res(\d)\.(\d+)\.(conv|bn)_([abc])\.(\w+)", key):
+            name = f"backbone.layer{int(m[1]) - 1}.{m[2]}.conv{abc[m[4]]}.{m[3]}.{m[5]}"
+        elif m := re.fullmatch(r"res(\d)\.(\d+)\.shortcut_(conv|bn)\.(\w+)", key):
+            name = f"backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.{m[3]}.{m[4]}"
+        elif m := re.fullmatch(r"res(\d)\.nonlocal(\d+)\.(theta|phi|g|out|bn)\.(\w+)", key):
+            if m[3] == "out" and m[4] == "bias":
+                assert not t.any()  # mmcv's conv_out has no bias before its BN
+                continue
+            part = {"theta": "theta.conv", "phi": "phi.0.conv", "g": "g.0.conv"}.get(
+                m[3], "conv_out.conv" if m[3] == "out" else "conv_out.bn"
+            )
+            name = f"backbone.layer{int(m[1]) - 1}.{m[2]}.non_local_block.{part}.{m[4]}"
+        elif m := re.fullmatch(r"head\.fc\.(\w+)", key):
+            name = f"cls_head.fc_cls.{m[1]}"
+        else:
+            raise AssertionError(f"no mmaction2 name for {key}")
+        out[name] = t.clone()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "i3d_r50_nl5.mmaction2_eg_32x2_k400",
+        "i3d_r50_nl5.mmaction2_dot_32x2_k400",
+        "i3d_r50_nl5.mmaction2_gauss_32x2_k400",
+        "i3d_r50.mmaction2_32x2_k400",
+    ],
+)
+def test_mmaction2_entries_convert_a_file_of_their_layout(
+    name: str, tmp_path: Path, one_thread: None
+) -> None:
+    entry = hub.get_weights(name)
+    source = _random_weights(
+        create_model(entry.arch, num_classes=400, **entry.model_kwargs), seed=5
+    )
+    with torch.no_grad():
+        for key, t in source.state_dict().items():
+            if re.fullmatch(r"res\d\.nonlocal\d+\.out\.bias", key):
+                t.zero_()
+    buf = io.BytesIO()
+    torch.save({"meta": {"epoch": 100}, "state_dict": _mmaction2_state(source)}, buf)
+    data = buf.getvalue()
+    (tmp_path / entry.filename).write_bytes(data)
+    # The test file is not the publisher's: give the copy of the entry the file's own prefix.
+    mine = dataclasses.replace(entry, sha256=hashlib.sha256(data).hexdigest()[:8])
+    with pytest.raises(hub.ChecksumError):  # the published prefix refuses this file
+        hub.resolve_weights(entry, offline=True, cache_dir=tmp_path)
+    path = hub.resolve_weights(mine, offline=True, cache_dir=tmp_path)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    assert ck["preprocessing"]["mean"] == [123.675, 116.28, 103.53]
+    assert ck["converted_from"] == "mmaction2"
+    model = create_model(ck["arch"], num_classes=ck["num_classes"], **ck["model_kwargs"])
+    model.load_state_dict(ck["model"])
+    x = torch.randn(1, 3, 16, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         want = source.double()(x.double())
         got = model.double().eval()(x.double())
