@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a checkpoint with the test protocol (clips x crops)",
     ),
     "plot": ("nlnet.viz.curves", "plot train/val error against iterations for runs (Figure 4)"),
+    "weights": ("nlnet.models.hub", "list / download / convert the released models' weights"),
 }
 
 

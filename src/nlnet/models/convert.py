@@ -381,13 +381,19 @@ def convert_checkpoint(
     src: str | os.PathLike[str] | Mapping[str, Any],
     dst: str | os.PathLike[str] | None,
     arch: str,
+    *,
+    classes: list[str] | tuple[str, ...] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    source: str | None = None,
     **options: Any,
 ) -> tuple[Conversion, Any, Any]:
     """Convert ``src`` and check it against ``create_model(arch, **settings)``; write ``dst``.
 
     The checkpoint must fill the model exactly: any missing, unexpected or mismatched key raises
-    ``ValueError`` naming them (nothing is silently dropped).  The file holds
-    ``{"model": state_dict, "arch", "model_kwargs", "num_classes", "converted_from", "notes"}``.
+    ``ValueError`` naming them (nothing is silently dropped).  The file is the self-describing
+    nlnet weight file: ``{"format": "nlnet", "format_version": 1, "model", "arch",
+    "model_kwargs", "num_classes", "classes", "preprocessing", "converted_from", "source",
+    "notes"}``; ``classes`` (label names in output order) must have ``num_classes`` entries.
     Returns the conversion, the load report and the loaded model.
     """
     from nlnet.models import create_model, load_weights
@@ -403,14 +409,23 @@ def convert_checkpoint(
         raise ValueError(
             f"the {fmt} checkpoint does not match {arch} with {conv.model_kwargs}:\n{report}"
         )
+    if classes is not None and len(classes) != conv.num_classes:
+        raise ValueError(
+            f"{len(classes)} class names given for a checkpoint with {conv.num_classes} classes"
+        )
     if dst is not None:
         save_checkpoint(
             {
+                "format": "nlnet",
+                "format_version": 1,
                 "model": model.state_dict(),
                 "arch": arch,
                 "num_classes": conv.num_classes,
                 "model_kwargs": conv.model_kwargs,
+                "classes": None if classes is None else [str(c) for c in classes],
+                "preprocessing": None if preprocessing is None else dict(preprocessing),
                 "converted_from": fmt,
+                "source": source,
                 "notes": conv.notes,
             },
             dst,

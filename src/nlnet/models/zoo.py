@@ -48,6 +48,12 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "pool1": ((1, 3, 3), (1, 2, 2), (0, 1, 1)),
         "pool2": ((2, 1, 1), (2, 1, 1), (0, 0, 0)),
     },
+    # PySlowFast's C2D_NOPOOL 8×8 (Kinetics/c2/C2D_NOPOOL_8x8_R50): no temporal pool after res2.
+    "slowfast_nopool": {
+        "stem_t_stride": 1,
+        "pool1": ((1, 3, 3), (1, 2, 2), (0, 1, 1)),
+        "pool2": None,
+    },
     # mmaction2's ResNet3d I3D: 1×3×3 pool1 with temporal stride 2, padded spatially.
     "mmaction2": {
         "stem_t_stride": 2,
