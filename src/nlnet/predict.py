@@ -284,17 +284,18 @@ def infer_video(
 
     try:
         if features:
-            h = keep("\0features", True)
+            feature_hook = keep("\0features", True)
             handles.append(
                 classifier_input_module(model).register_forward_pre_hook(
-                    lambda _m, args: h(args[0])
+                    lambda _m, args: feature_hook(args[0])
                 )
             )
         for name in blocks:
-            h = keep(name, block_pool == "avg")
             handles.append(
                 module_by_name(model, name).register_forward_hook(
-                    lambda _m, _i, out, h=h: h(out[0] if isinstance(out, tuple) else out)
+                    lambda _m, _i, out, h=keep(name, block_pool == "avg"): h(
+                        out[0] if isinstance(out, tuple) else out
+                    )
                 )
             )
         total: Tensor | None = None

@@ -333,7 +333,9 @@ class Head(nn.Module):
         # (B, C, 1, H', W') → (B, P, C): the fc at every position is a 1×1×1 convolution.
         positions = pooled.flatten(2).transpose(1, 2)
         logits = F.linear(positions, self.fc.weight, self.fc.bias)
-        return torch.softmax(logits.float(), dim=-1).mean(dim=1)
+        # at least float32 under autocast (half-precision logits), float64 stays float64
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return torch.softmax(logits, dim=-1, dtype=dtype).mean(dim=1)
 
     def extra_repr(self) -> str:
         return f"test_head={self._test_head!r}, window={self.window}"

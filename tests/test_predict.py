@@ -1,0 +1,413 @@
+"""``nlnet predict`` and ``nlnet extract-features`` on real H.264 videos (issue 10 item 4).
+
+A small registered model with random (non-trivial) weights is saved in the self-describing
+format with a small test protocol (3 clips × 3 crops of 32, 4 frames every 2); the videos have
+different sizes, orientations and frame rates, one is shorter than a clip (indices wrap), one is
+truncated and one is missing.  Every number is checked against a manual computation that decodes
+the same views with the data pipeline's own functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from videos import make_video, truncate
+
+from nlnet import create_model
+from nlnet.cli import main
+from nlnet.data.classes import kinetics400
+from nlnet.data.transforms import eval_transform
+from nlnet.data.video import decode_frames, probe_video
+from nlnet.models import VideoResNet
+from nlnet.models.registry import _MODELS, register_model
+from nlnet.predict import (
+    TestProtocol,
+    _load,
+    collect_inputs,
+    infer_video,
+)
+
+PRE = {
+    "mean": [114.75] * 3,
+    "std": [57.375] * 3,
+    "frames": 4,
+    "stride": 2,
+    "test_scale": 32,
+    "crop": 32,
+    "clips": 3,
+    "crops": 3,
+}
+VIEWS = 9
+
+
+def tiny_resnet(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """A narrow 4-stage VideoResNet with one NL block (res4 8×8 at a 256 crop → 2×2 windows)."""
+    return VideoResNet(
+        stage_blocks=(1, 1, 1, 1),
+        stage_widths=(2, 4, 4, 8),
+        stem_channels=4,
+        nonlocal_blocks={4: [0]},
+        pool2=None,
+        num_classes=num_classes,
+        **kwargs,
+    )
+
+
+if "predict_test_resnet" not in _MODELS:
+    register_model("predict_test_resnet")(tiny_resnet)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter and BN statistic random, so outputs depend on the input."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif t.dim() == 1:
+                t.copy_(0.5 * torch.randn(t.shape, generator=g) + (1.0 if "bn" in name else 0.0))
+            else:
+                fan_in = t[0].numel()
+                t.copy_(torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+    return model
+
+
+def save_weights(path: Path, arch: str, pre: dict[str, Any], seed: int = 0, **extra: Any) -> Path:
+    model = randomize(create_model(arch, num_classes=400), seed).eval()
+    # logits of std ~2 on a random clip of the protocol's size: probabilities not saturated
+    x = torch.randn(1, 3, pre["frames"], pre["crop"], pre["crop"])
+    fc = model.head.fc if isinstance(model, VideoResNet) else model.fc
+    with torch.no_grad():
+        fc.weight.mul_(2.0 / float(model(x).std()))
+    obj = {
+        "format": "nlnet",
+        "format_version": 1,
+        "model": model.state_dict(),
+        "arch": arch,
+        "model_kwargs": {},
+        "num_classes": 400,
+        "classes": None,
+        "preprocessing": pre,
+        "converted_from": None,
+        "source": None,
+        "notes": [],
+        **extra,
+    }
+    torch.save(obj, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("predict")
+    v = root / "videos"
+    out = {
+        "a": make_video(v / "a.mp4", 30, 25, (64, 48)),  # landscape, 25 fps
+        "b": make_video(v / "sub" / "b.mp4", 45, 30, (48, 80)),  # portrait, 30 fps
+        "c": make_video(v / "c.mkv", 6, 12, (96, 54)),  # shorter than a clip: indices wrap
+    }
+    bad = make_video(root / "broken.mp4", 60, 25, (64, 48))
+    out["broken"] = truncate(bad, 0.5)
+    out["missing"] = root / "missing.mp4"
+    out["folder"] = v
+    out["root"] = root
+    out["weights"] = save_weights(root / "demo.pth", "demo_c2d_nl", PRE)
+    return out
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def manual_views(path: Path, pre: dict[str, Any]) -> list[torch.Tensor]:
+    """§4.2 views decoded by hand: clip k starts at floor(k·N/K), indices wrap modulo N."""
+    info = probe_video(path)
+    n = info.num_frames
+    views = []
+    for k in range(pre["clips"]):
+        idx = [(k * n // pre["clips"] + j * pre["stride"]) % n for j in range(pre["frames"])]
+        frames = decode_frames(info, idx)
+        for v in range(pre["crops"]):
+            views.append(
+                eval_transform(
+                    frames, scale=pre["test_scale"], test_crop="three", view=v,
+                    crop_size=pre["crop"], normalization="original",
+                )  # fmt: skip
+            )
+    return views
+
+
+def manual_probs(model: torch.nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack(
+            [torch.softmax(model(v[None]).double(), 1)[0] for v in views]
+        ).mean(0)
+
+
+# -- predict ---------------------------------------------------------------------------------
+def test_predict_json_top5_labels_and_per_file_errors(data, capsys) -> None:
+    rc, out, err = run_cli(
+        ["predict", data["folder"], data["broken"], data["missing"], "--weights",
+         data["weights"], "--json", "--device", "cpu"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["scored"] == 3 and report["failed"] == 2
+    assert report["protocol"]["views"] == VIEWS and report["protocol"]["crop"] == 32
+    assert report["test_head"] == "global"  # demo models only have the global head
+    by_video = {Path(r["video"]).name: r for r in report["videos"]}
+    names = kinetics400()
+    for key in ("a.mp4", "b.mp4", "c.mkv"):
+        r = by_video[key]
+        assert "error" not in r and r["views"] == VIEWS
+        preds = r["predictions"]
+        assert len(preds) == 5
+        for p in preds:
+            assert p["label"] == names[p["index"]]
+        probs = [p["probability"] for p in preds]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
+    # the videos differ, so do their scores (the model is not input-blind)
+    assert by_video["a.mp4"]["predictions"] != by_video["b.mp4"]["predictions"]
+    assert "truncated" in by_video["broken.mp4"]["error"] or "cannot open" in by_video[
+        "broken.mp4"
+    ]["error"]
+    assert str(data["broken"]) in by_video["broken.mp4"]["error"]
+    assert "no such file" in by_video["missing.mp4"]["error"]
+    assert "scored 3 of 5" in err
+
+
+def test_predict_exit_code_nonzero_when_no_video_is_scored(data) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nlnet", "predict", str(data["broken"]), str(data["missing"]),
+         "--weights", str(data["weights"]), "--json", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["scored"] == 0 and len(report["videos"]) == 2
+    assert all("error" in r for r in report["videos"])
+
+
+def test_predict_probabilities_equal_manual_computation(data, capsys) -> None:
+    model, cfg = _load(data["weights"])
+    model.eval()
+    protocol = TestProtocol.from_preprocessing(cfg["preprocessing"])
+    rc, out, _ = run_cli(
+        ["predict", data["a"], data["c"], "--weights", data["weights"], "--json",
+         "--batch-size", "4"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0
+    report = {Path(r["video"]).name: r for r in json.loads(out)["videos"]}
+    for key in ("a", "c"):
+        ref = manual_probs(model, manual_views(data[key], PRE))
+        got = infer_video(model, str(data[key]), protocol, batch_size=VIEWS).probs
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+        assert abs(float(got.sum()) - 1) < 1e-6
+        top = report[data[key].name]["predictions"]
+        ref_p, ref_i = ref.topk(5)
+        assert [p["index"] for p in top] == ref_i.tolist()
+        np.testing.assert_allclose([p["probability"] for p in top], ref_p.numpy(), atol=1e-6)
+
+
+def test_predict_text_output_and_protocol_overrides(data, capsys) -> None:
+    rc, out, _ = run_cli(
+        ["predict", data["a"], data["missing"], "--weights", data["weights"], "--clips", "2",
+         "--crop", "24", "--test-crop", "center", "--top-k", "3"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == f"{data['a']} (2 views)"
+    assert len([ln for ln in lines if ln.startswith("  ")]) == 3
+    assert any(ln.startswith("ERROR ") and str(data["missing"]) in ln for ln in lines)
+    label = lines[1].split(None, 1)[1]
+    assert label in kinetics400()
+
+
+def test_usage_errors_exit_2(data, capsys) -> None:
+    rc, _, err = run_cli(["predict", data["a"], "--weights", data["root"] / "nope.pth"], capsys)
+    assert rc == 2 and "nope.pth" in err
+    rc, _, err = run_cli(["predict", "--weights", data["weights"]], capsys)
+    assert rc == 2 and "no videos" in err
+    rc, _, err = run_cli(
+        ["predict", data["a"], "--weights", data["weights"], "--crop", "64", "--scale", "32"],
+        capsys,
+    )
+    assert rc == 2 and "crop 64" in err
+    rc, _, err = run_cli(
+        ["predict", data["a"], "--weights", data["weights"], "--test-head", "fully_conv"], capsys
+    )
+    assert rc == 2 and "VideoResNet" in err
+
+
+def test_inputs_folders_lists_and_repeats(data, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lst = tmp_path / "list.txt"
+    rel = os.path.relpath(data["b"], tmp_path)
+    lst.write_text(f"# a comment\n{data['a']} 3\n\n{rel}\n{data['missing']}\n")
+    inputs = collect_inputs([str(data["folder"]), f"@{lst}", str(empty)], [str(lst)])
+    paths = [Path(i.path).resolve() for i in inputs]
+    assert paths[:3] == [data["a"].resolve(), data["c"].resolve(), data["b"].resolve()]
+    assert [i.name for i in inputs[:3]] == ["a", "c", str(Path("sub") / "b")]
+    assert paths[3] == data["missing"].resolve() and inputs[3].error is None
+    assert inputs[4].error is not None and "no video files" in inputs[4].error
+    assert len(inputs) == 5  # the list's repeats of folder videos and the second list are dropped
+
+
+def test_protocol_from_preprocessing() -> None:
+    p = TestProtocol.from_preprocessing(None)
+    assert (p.frames, p.stride, p.clips, p.scale, p.crop, p.test_crop) == (
+        32, 2, 10, 256, 256, "three",
+    )  # fmt: skip
+    assert p.num_views == 30 and p.mean == (114.75,) * 3
+    p = TestProtocol.from_preprocessing({"mean": [1, 2, 3], "crops": 1}, crop=64, clips=2)
+    assert (p.scale, p.crop, p.test_crop, p.num_views, p.mean) == (64, 64, "center", 2, (1, 2, 3))
+    with pytest.raises(ValueError, match="clips must be a positive int"):
+        TestProtocol.from_preprocessing(None, clips=0)
+    with pytest.raises(ValueError, match="crops"):
+        TestProtocol.from_preprocessing({"crops": 2})
+
+
+def test_attention_figure_for_the_video(data, tmp_path: Path, capsys) -> None:
+    png = tmp_path / "att.png"
+    rc, out, err = run_cli(
+        ["predict", data["a"], "--weights", data["weights"], "--json", "--attention", png],
+        capsys,
+    )
+    assert rc == 0, err
+    entry = json.loads(out)["videos"][0]
+    assert entry["attention"] == str(png) and entry["attention_block"] == "stages.1.nonlocal"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # several videos: one PNG each in a folder
+    rc, out, _ = run_cli(
+        ["predict", data["a"], data["c"], "--weights", data["weights"], "--json",
+         "--attention", tmp_path / "figs"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["a.png", "c.png"]
+    plain = save_weights(tmp_path / "plain.pth", "demo_c2d", PRE)
+    rc, _, err = run_cli(
+        ["predict", data["a"], "--weights", plain, "--attention", png], capsys
+    )
+    assert rc == 2 and "non-local" in err
+
+
+@pytest.mark.slow
+def test_fully_conv_head_through_predict(data, tmp_path: Path, capsys) -> None:
+    """A VideoResNet at the release's 256 crop: res5 8×8 → 2×2 windows, softmax averaged."""
+    from test_test_head import loop_reference
+
+    pre = {**PRE, "test_scale": 256, "crop": 256, "clips": 2, "frames": 4, "stride": 3}
+    weights = save_weights(tmp_path / "r.pth", "predict_test_resnet", pre, seed=3)
+    model, _ = _load(weights)
+    model.eval()
+    rc, out, err = run_cli(
+        ["predict", data["b"], "--weights", weights, "--json", "--top-k", "400"], capsys
+    )
+    assert rc == 0, out
+    report = json.loads(out)
+    assert report["test_head"] == "fully_conv"
+    got = torch.zeros(400, dtype=torch.float64)
+    for p in report["videos"][0]["predictions"]:
+        got[p["index"]] = p["probability"]
+    views = manual_views(data["b"], pre)
+    with torch.no_grad():
+        refs = []
+        for v in views:
+            res5 = model.forward_features(v[None])["res5"]
+            assert res5.shape[-2:] == (8, 8)
+            refs.append(loop_reference(res5.double(), model.head.fc.weight.double(),
+                                       model.head.fc.bias.double())[0])  # fmt: skip
+    ref = torch.stack(refs).mean(0)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    rc, out, _ = run_cli(
+        ["predict", data["b"], "--weights", weights, "--json", "--test-head", "global"], capsys
+    )
+    glob = json.loads(out)["videos"][0]["predictions"][0]
+    assert json.loads(out)["test_head"] == "global"
+    assert abs(glob["probability"] - float(ref[glob["index"]])) > 1e-7  # a different head
+
+
+# -- extract-features ------------------------------------------------------------------------
+def manual_features(model, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled last-stage and stage-2 (its NL block's output) features, forward by hand."""
+    feats, block = [], []
+    with torch.no_grad():
+        for v in views:
+            x = model.stem(v[None])
+            x = model.stages[0](x)
+            x = model.stages[1](x)  # ends with stages.1.nonlocal
+            block.append(x.double().mean(dim=(2, 3, 4))[0])
+            x = model.stages[2](x)
+            feats.append(x.double().mean(dim=(2, 3, 4))[0])
+    return torch.stack(feats).mean(0), torch.stack(block).mean(0)
+
+
+def test_extract_features_npy_values_and_errors(data, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "feats"
+    rc, stdout, err = run_cli(
+        ["extract-features", data["folder"], data["broken"], "--weights", data["weights"],
+         "--out", out, "--block", "stages.1.nonlocal", "--json"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    report = json.loads(stdout)
+    assert report == json.loads((out / "index.json").read_text())
+    assert report["scored"] == 3 and report["failed"] == 1
+    model, _ = _load(data["weights"])
+    model.eval()
+    for key, name in (("a", "a"), ("b", "sub/b"), ("c", "c")):
+        feats = np.load(out / f"{name}.npy")
+        block = np.load(out / f"{name}.stages.1.nonlocal.npy")
+        assert feats.shape == (64,) and block.shape == (32,) and feats.dtype == np.float32
+        ref_f, ref_b = manual_features(model, manual_views(data[key], PRE))
+        np.testing.assert_allclose(feats, ref_f.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(block, ref_b.numpy(), rtol=1e-5, atol=1e-6)
+    assert not list(out.glob("broken*"))
+    assert [r for r in report["videos"] if "error" in r][0]["video"] == str(data["broken"])
+
+
+def test_extract_features_pt_full_block_maps(data, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "feats"
+    rc, _, err = run_cli(
+        ["extract-features", data["c"], "--weights", data["weights"], "--out", out,
+         "--format", "pt", "--block", "stages.1.nonlocal", "--block-pool", "none"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    obj = torch.load(out / "c.pt", weights_only=True)
+    assert obj["features"].shape == (64,) and obj["views"] == VIEWS
+    maps = obj["blocks"]["stages.1.nonlocal"]
+    assert maps.shape == (VIEWS, 32, 4, 8, 8)
+    model, _ = _load(data["weights"])
+    model.eval()
+    _, ref_b = manual_features(model, manual_views(data["c"], PRE))
+    torch.testing.assert_close(maps.double().mean(dim=(0, 2, 3, 4)), ref_b, rtol=1e-5, atol=1e-6)
+    # nothing scored → exit 1; unknown block → usage error 2
+    rc, _, _ = run_cli(
+        ["extract-features", data["missing"], "--weights", data["weights"], "--out", out],
+        capsys,
+    )
+    assert rc == 1
+    rc, _, err = run_cli(
+        ["extract-features", data["c"], "--weights", data["weights"], "--out", out,
+         "--block", "res9"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 2 and "stages.1.nonlocal" in err
