@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from videos import make_video, truncate
 
 from nlnet import create_model
 from nlnet.cli import main
@@ -34,6 +33,7 @@ from nlnet.predict import (
     collect_inputs,
     infer_video,
 )
+from videos import make_video, truncate
 
 PRE = {
     "mean": [114.75] * 3,
@@ -107,6 +107,11 @@ def save_weights(path: Path, arch: str, pre: dict[str, Any], seed: int = 0, **ex
     return path
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread: None) -> None:
+    """Clip-sized convolutions: one thread is faster than two fighting on a busy machine."""
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("predict")
@@ -142,18 +147,20 @@ def manual_views(path: Path, pre: dict[str, Any]) -> list[torch.Tensor]:
         for v in range(pre["crops"]):
             views.append(
                 eval_transform(
-                    frames, scale=pre["test_scale"], test_crop="three", view=v,
-                    crop_size=pre["crop"], normalization="original",
-                )  # fmt: skip
+                    frames,
+                    scale=pre["test_scale"],
+                    test_crop="three",
+                    view=v,
+                    crop_size=pre["crop"],
+                    normalization="original",
+                )
             )
     return views
 
 
 def manual_probs(model: torch.nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        return torch.stack(
-            [torch.softmax(model(v[None]).double(), 1)[0] for v in views]
-        ).mean(0)
+        return torch.stack([torch.softmax(model(v[None]).double(), 1)[0] for v in views]).mean(0)
 
 
 # -- predict ---------------------------------------------------------------------------------
@@ -181,24 +188,43 @@ def test_predict_json_top5_labels_and_per_file_errors(data, capsys) -> None:
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
     # the videos differ, so do their scores (the model is not input-blind)
     assert by_video["a.mp4"]["predictions"] != by_video["b.mp4"]["predictions"]
-    assert "truncated" in by_video["broken.mp4"]["error"] or "cannot open" in by_video[
-        "broken.mp4"
-    ]["error"]
+    assert (
+        "truncated" in by_video["broken.mp4"]["error"]
+        or "cannot open" in by_video["broken.mp4"]["error"]
+    )
     assert str(data["broken"]) in by_video["broken.mp4"]["error"]
     assert "no such file" in by_video["missing.mp4"]["error"]
     assert "scored 3 of 5" in err
 
 
-def test_predict_exit_code_nonzero_when_no_video_is_scored(data) -> None:
+def test_predict_exit_code_nonzero_when_no_video_is_scored(data, capsys) -> None:
+    rc, out, _ = run_cli(
+        ["predict", data["broken"], data["missing"], "--weights", data["weights"], "--json"],
+        capsys,
+    )
+    assert rc == 1
+    assert [("error" in r) for r in json.loads(out)["videos"]] == [True, True]
+
+
+@pytest.mark.slow
+def test_predict_entry_point_exit_codes(data) -> None:
+    """The real ``python -m nlnet`` process: exit 1 when nothing was scored, 0 otherwise."""
     proc = subprocess.run(
         [sys.executable, "-m", "nlnet", "predict", str(data["broken"]), str(data["missing"]),
          "--weights", str(data["weights"]), "--json", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     assert report["scored"] == 0 and len(report["videos"]) == 2
     assert all("error" in r for r in report["videos"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "nlnet", "predict", str(data["c"]), str(data["missing"]),
+         "--weights", str(data["weights"])],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "scored 1 of 2" in proc.stderr
 
 
 def test_predict_probabilities_equal_manual_computation(data, capsys) -> None:
@@ -302,13 +328,10 @@ def test_attention_figure_for_the_video(data, tmp_path: Path, capsys) -> None:
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["a.png", "c.png"]
     plain = save_weights(tmp_path / "plain.pth", "demo_c2d", PRE)
-    rc, _, err = run_cli(
-        ["predict", data["a"], "--weights", plain, "--attention", png], capsys
-    )
+    rc, _, err = run_cli(["predict", data["a"], "--weights", plain, "--attention", png], capsys)
     assert rc == 2 and "non-local" in err
 
 
-@pytest.mark.slow
 def test_fully_conv_head_through_predict(data, tmp_path: Path, capsys) -> None:
     """A VideoResNet at the release's 256 crop: res5 8×8 → 2×2 windows, softmax averaged."""
     from test_test_head import loop_reference
@@ -317,7 +340,7 @@ def test_fully_conv_head_through_predict(data, tmp_path: Path, capsys) -> None:
     weights = save_weights(tmp_path / "r.pth", "predict_test_resnet", pre, seed=3)
     model, _ = _load(weights)
     model.eval()
-    rc, out, err = run_cli(
+    rc, out, _ = run_cli(
         ["predict", data["b"], "--weights", weights, "--json", "--top-k", "400"], capsys
     )
     assert rc == 0, out
@@ -380,7 +403,7 @@ def test_extract_features_npy_values_and_errors(data, tmp_path: Path, capsys) ->
         np.testing.assert_allclose(feats, ref_f.numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(block, ref_b.numpy(), rtol=1e-5, atol=1e-6)
     assert not list(out.glob("broken*"))
-    assert [r for r in report["videos"] if "error" in r][0]["video"] == str(data["broken"])
+    assert next(r for r in report["videos"] if "error" in r)["video"] == str(data["broken"])
 
 
 def test_extract_features_pt_full_block_maps(data, tmp_path: Path, capsys) -> None:

@@ -237,6 +237,15 @@ def module_by_name(model: nn.Module, name: str) -> nn.Module:
     )
 
 
+def _on_output(fn: Callable[[Tensor], None]) -> Callable[..., None]:
+    """A forward hook passing the module's output (the first one of a tuple) to ``fn``."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        fn(output[0] if isinstance(output, tuple) else output)
+
+    return hook
+
+
 @dataclass
 class VideoOutput:
     """What :func:`infer_video` computes for one video (every value averaged over its views)."""
@@ -291,12 +300,9 @@ def infer_video(
                 )
             )
         for name in blocks:
+            block_hook = keep(name, block_pool == "avg")
             handles.append(
-                module_by_name(model, name).register_forward_hook(
-                    lambda _m, _i, out, h=keep(name, block_pool == "avg"): h(
-                        out[0] if isinstance(out, tuple) else out
-                    )
-                )
+                module_by_name(model, name).register_forward_hook(_on_output(block_hook))
             )
         total: Tensor | None = None
         count = 0
@@ -392,7 +398,8 @@ def set_test_head(model: nn.Module, test_head: str, cfg: Mapping[str, Any]) -> s
 
     ``auto``: what the weight file's preprocessing names (``test_head``), else the original
     release's fully-convolutional head (reference §4.2; PySlowFast's test head is the same) for
-    a :class:`~nlnet.models.VideoResNet`, except for mmaction2 weights (global pooling), and the
+    a :class:`~nlnet.models.VideoResNet`, except for mmaction2 weights (converted from mmaction2
+    or its ``variant``; mmaction2 tests with global pooling), and the
     global head for other models.
     """
     from nlnet.models import VideoResNet
@@ -404,7 +411,10 @@ def set_test_head(model: nn.Module, test_head: str, cfg: Mapping[str, Any]) -> s
         pre = cfg.get("preprocessing") or {}
         if pre.get("test_head") in ("global", "fully_conv"):
             test_head = pre["test_head"]
-        elif is_resnet and cfg.get("converted_from") != "mmaction2":
+        elif is_resnet and "mmaction2" not in (
+            cfg.get("converted_from"),
+            (cfg.get("model_kwargs") or {}).get("variant"),
+        ):
             test_head = "fully_conv"
         else:
             test_head = "global"
