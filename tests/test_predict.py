@@ -107,6 +107,21 @@ def save_weights(path: Path, arch: str, pre: dict[str, Any], seed: int = 0, **ex
     return path
 
 
+def faststart_copy(src: Path, dst: Path) -> Path:
+    """Remux ``src`` with the MP4 index first (``movflags=faststart``), as web videos are."""
+    import av
+
+    with av.open(str(src)) as i, av.open(str(dst), "w", options={"movflags": "faststart"}) as o:
+        stream = i.streams.video[0]
+        out = o.add_stream_from_template(stream)
+        for packet in i.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.stream = out
+            o.mux(packet)
+    return dst
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread: None) -> None:
     """Clip-sized convolutions: one thread is faster than two fighting on a busy machine."""
@@ -122,7 +137,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "c": make_video(v / "c.mkv", 6, 12, (96, 54)),  # shorter than a clip: indices wrap
     }
     bad = make_video(root / "broken.mp4", 60, 25, (64, 48))
-    out["broken"] = truncate(bad, 0.5)
+    out["broken"] = truncate(bad, 0.5)  # the index (moov) is lost: cannot be opened
+    # the index survives, the frames do not: opens, fails while decoding
+    fs = faststart_copy(make_video(root / "src.mp4", 60, 25, (64, 48)), root / "cut.mp4")
+    out["cut"] = truncate(fs, 0.5)
     out["missing"] = root / "missing.mp4"
     out["folder"] = v
     out["root"] = root
@@ -166,13 +184,13 @@ def manual_probs(model: torch.nn.Module, views: list[torch.Tensor]) -> torch.Ten
 # -- predict ---------------------------------------------------------------------------------
 def test_predict_json_top5_labels_and_per_file_errors(data, capsys) -> None:
     rc, out, err = run_cli(
-        ["predict", data["folder"], data["broken"], data["missing"], "--weights",
+        ["predict", data["folder"], data["broken"], data["cut"], data["missing"], "--weights",
          data["weights"], "--json", "--device", "cpu"],
         capsys,
     )  # fmt: skip
     assert rc == 0, err
     report = json.loads(out)
-    assert report["scored"] == 3 and report["failed"] == 2
+    assert report["scored"] == 3 and report["failed"] == 3
     assert report["protocol"]["views"] == VIEWS and report["protocol"]["crop"] == 32
     assert report["test_head"] == "global"  # demo models only have the global head
     by_video = {Path(r["video"]).name: r for r in report["videos"]}
@@ -188,13 +206,12 @@ def test_predict_json_top5_labels_and_per_file_errors(data, capsys) -> None:
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
     # the videos differ, so do their scores (the model is not input-blind)
     assert by_video["a.mp4"]["predictions"] != by_video["b.mp4"]["predictions"]
-    assert (
-        "truncated" in by_video["broken.mp4"]["error"]
-        or "cannot open" in by_video["broken.mp4"]["error"]
-    )
+    assert "cannot open" in by_video["broken.mp4"]["error"]
     assert str(data["broken"]) in by_video["broken.mp4"]["error"]
+    cut = by_video["cut.mp4"]["error"]
+    assert str(data["cut"]) in cut and ("decoding failed" in cut or "truncated file?" in cut)
     assert "no such file" in by_video["missing.mp4"]["error"]
-    assert "scored 3 of 5" in err
+    assert "scored 3 of 6" in err
 
 
 def test_predict_exit_code_nonzero_when_no_video_is_scored(data, capsys) -> None:
