@@ -228,7 +228,7 @@ def module_by_name(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules and name:
         return modules[name]
-    from nlnet.viz.attention import nonlocal_blocks
+    from nlnet.models import nonlocal_blocks
 
     stages = [n for n, _ in model.named_children()]
     raise ValueError(
@@ -757,7 +757,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: --top-k must be >= 1, got {args.top_k}", file=sys.stderr)
         return 2
     if args.attention:
-        from nlnet.viz.attention import nonlocal_blocks
+        from nlnet.models import nonlocal_blocks
 
         blocks = list(nonlocal_blocks(loaded.model))
         if not blocks:
