@@ -40,8 +40,8 @@ PRE = {
     "std": [57.375] * 3,
     "frames": 4,
     "stride": 2,
-    "test_scale": 32,
-    "crop": 32,
+    "test_scale": 64,
+    "crop": 64,
     "clips": 3,
     "crops": 3,
 }
@@ -61,8 +61,26 @@ def tiny_resnet(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
     )
 
 
+class PlainNet(torch.nn.Module):
+    """Not a VideoResNet: one conv, global mean, ``fc`` (the generic path; no NL block)."""
+
+    def __init__(self, num_classes: int = 400) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3, 4)))
+
+
+def plain_net(num_classes: int = 400, **kwargs: Any) -> PlainNet:
+    return PlainNet(num_classes)
+
+
 if "predict_test_resnet" not in _MODELS:
     register_model("predict_test_resnet")(tiny_resnet)
+if "predict_test_plain" not in _MODELS:
+    register_model("predict_test_plain")(plain_net)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -144,7 +162,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["missing"] = root / "missing.mp4"
     out["folder"] = v
     out["root"] = root
-    out["weights"] = save_weights(root / "demo.pth", "demo_c2d_nl", PRE)
+    out["weights"] = save_weights(root / "tiny.pth", "predict_test_resnet", PRE)
     return out
 
 
@@ -191,8 +209,8 @@ def test_predict_json_top5_labels_and_per_file_errors(data, capsys) -> None:
     assert rc == 0, err
     report = json.loads(out)
     assert report["scored"] == 3 and report["failed"] == 3
-    assert report["protocol"]["views"] == VIEWS and report["protocol"]["crop"] == 32
-    assert report["test_head"] == "global"  # demo models only have the global head
+    assert report["protocol"]["views"] == VIEWS and report["protocol"]["crop"] == 64
+    assert report["test_head"] == "fully_conv"  # the release's head for a VideoResNet
     by_video = {Path(r["video"]).name: r for r in report["videos"]}
     names = kinetics400()
     for key in ("a.mp4", "b.mp4", "c.mkv"):
@@ -225,10 +243,12 @@ def test_predict_exit_code_nonzero_when_no_video_is_scored(data, capsys) -> None
 
 @pytest.mark.slow
 def test_predict_entry_point_exit_codes(data) -> None:
-    """The real ``python -m nlnet`` process: exit 1 when nothing was scored, 0 otherwise."""
+    """The real ``python -m nlnet`` process: exit 1 when nothing was scored, 0 otherwise
+    (a shipped model: the test-registered ones do not exist in a new process)."""
+    weights = save_weights(data["root"] / "demo.pth", "demo_c2d_nl", PRE)
     proc = subprocess.run(
         [sys.executable, "-m", "nlnet", "predict", str(data["broken"]), str(data["missing"]),
-         "--weights", str(data["weights"]), "--json", "--device", "cpu"],
+         "--weights", str(weights), "--json", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
@@ -237,7 +257,7 @@ def test_predict_entry_point_exit_codes(data) -> None:
     assert all("error" in r for r in report["videos"])
     proc = subprocess.run(
         [sys.executable, "-m", "nlnet", "predict", str(data["c"]), str(data["missing"]),
-         "--weights", str(data["weights"])],
+         "--weights", str(weights)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -291,8 +311,9 @@ def test_usage_errors_exit_2(data, capsys) -> None:
         capsys,
     )
     assert rc == 2 and "crop 64" in err
+    plain = save_weights(data["root"] / "plain.pth", "predict_test_plain", PRE)
     rc, _, err = run_cli(
-        ["predict", data["a"], "--weights", data["weights"], "--test-head", "fully_conv"], capsys
+        ["predict", data["a"], "--weights", plain, "--test-head", "fully_conv"], capsys
     )
     assert rc == 2 and "VideoResNet" in err
 
@@ -334,7 +355,7 @@ def test_attention_figure_for_the_video(data, tmp_path: Path, capsys) -> None:
     )
     assert rc == 0, err
     entry = json.loads(out)["videos"][0]
-    assert entry["attention"] == str(png) and entry["attention_block"] == "stages.1.nonlocal"
+    assert entry["attention"] == str(png) and entry["attention_block"] == "res4.nonlocal0"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # several videos: one PNG each in a folder
     rc, out, _ = run_cli(
@@ -344,7 +365,7 @@ def test_attention_figure_for_the_video(data, tmp_path: Path, capsys) -> None:
     )  # fmt: skip
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["a.png", "c.png"]
-    plain = save_weights(tmp_path / "plain.pth", "demo_c2d", PRE)
+    plain = save_weights(tmp_path / "plain.pth", "predict_test_plain", PRE)
     rc, _, err = run_cli(["predict", data["a"], "--weights", plain, "--attention", png], capsys)
     assert rc == 2 and "non-local" in err
 
@@ -386,16 +407,13 @@ def test_fully_conv_head_through_predict(data, tmp_path: Path, capsys) -> None:
 
 # -- extract-features ------------------------------------------------------------------------
 def manual_features(model, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled last-stage and stage-2 (its NL block's output) features, forward by hand."""
+    """Pooled res5 and res4 (= its NL block's output) features, averaged over the views."""
     feats, block = [], []
     with torch.no_grad():
         for v in views:
-            x = model.stem(v[None])
-            x = model.stages[0](x)
-            x = model.stages[1](x)  # ends with stages.1.nonlocal
-            block.append(x.double().mean(dim=(2, 3, 4))[0])
-            x = model.stages[2](x)
-            feats.append(x.double().mean(dim=(2, 3, 4))[0])
+            f = model.forward_features(v[None])
+            block.append(f["res4"].double().mean(dim=(2, 3, 4))[0])
+            feats.append(f["res5"].double().mean(dim=(2, 3, 4))[0])
     return torch.stack(feats).mean(0), torch.stack(block).mean(0)
 
 
@@ -403,7 +421,7 @@ def test_extract_features_npy_values_and_errors(data, tmp_path: Path, capsys) ->
     out = tmp_path / "feats"
     rc, stdout, err = run_cli(
         ["extract-features", data["folder"], data["broken"], "--weights", data["weights"],
-         "--out", out, "--block", "stages.1.nonlocal", "--json"],
+         "--out", out, "--block", "res4.nonlocal0", "--json"],
         capsys,
     )  # fmt: skip
     assert rc == 0, err
@@ -414,8 +432,8 @@ def test_extract_features_npy_values_and_errors(data, tmp_path: Path, capsys) ->
     model.eval()
     for key, name in (("a", "a"), ("b", "sub/b"), ("c", "c")):
         feats = np.load(out / f"{name}.npy")
-        block = np.load(out / f"{name}.stages.1.nonlocal.npy")
-        assert feats.shape == (64,) and block.shape == (32,) and feats.dtype == np.float32
+        block = np.load(out / f"{name}.res4.nonlocal0.npy")
+        assert feats.shape == (32,) and block.shape == (16,) and feats.dtype == np.float32
         ref_f, ref_b = manual_features(model, manual_views(data[key], PRE))
         np.testing.assert_allclose(feats, ref_f.numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(block, ref_b.numpy(), rtol=1e-5, atol=1e-6)
@@ -423,21 +441,44 @@ def test_extract_features_npy_values_and_errors(data, tmp_path: Path, capsys) ->
     assert next(r for r in report["videos"] if "error" in r)["video"] == str(data["broken"])
 
 
+def test_features_of_a_model_without_head_module(data, tmp_path: Path, capsys) -> None:
+    """Any classifier with an ``fc``: the features are its input, averaged over the views."""
+    plain = save_weights(tmp_path / "plain.pth", "predict_test_plain", PRE, seed=5)
+    rc, _, err = run_cli(
+        ["extract-features", data["a"], "--weights", plain, "--out", tmp_path / "f"], capsys
+    )
+    assert rc == 0, err
+    assert "global" in json.loads((tmp_path / "f" / "index.json").read_text())["test_head"]
+    model, _ = _load(plain)
+    model.eval()
+    with torch.no_grad():
+        ref = torch.stack(
+            [torch.relu(model.conv(v[None])).double().mean(dim=(2, 3, 4))[0]
+             for v in manual_views(data["a"], PRE)]
+        ).mean(0)  # fmt: skip
+    got = np.load(tmp_path / "f" / "a.npy")
+    assert got.shape == (8,)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_extract_features_pt_full_block_maps(data, tmp_path: Path, capsys) -> None:
     out = tmp_path / "feats"
     rc, _, err = run_cli(
         ["extract-features", data["c"], "--weights", data["weights"], "--out", out,
-         "--format", "pt", "--block", "stages.1.nonlocal", "--block-pool", "none"],
+         "--format", "pt", "--block", "res4.nonlocal0", "--block-pool", "none"],
         capsys,
     )  # fmt: skip
     assert rc == 0, err
     obj = torch.load(out / "c.pt", weights_only=True)
-    assert obj["features"].shape == (64,) and obj["views"] == VIEWS
-    maps = obj["blocks"]["stages.1.nonlocal"]
-    assert maps.shape == (VIEWS, 32, 4, 8, 8)
+    assert obj["features"].shape == (32,) and obj["views"] == VIEWS
+    maps = obj["blocks"]["res4.nonlocal0"]
     model, _ = _load(data["weights"])
     model.eval()
-    _, ref_b = manual_features(model, manual_views(data["c"], PRE))
+    views = manual_views(data["c"], PRE)
+    with torch.no_grad():
+        res4 = model.forward_features(views[0][None])["res4"]
+    assert maps.shape == (VIEWS, *res4.shape[1:]) == (VIEWS, 16, 1, 4, 4)
+    _, ref_b = manual_features(model, views)
     torch.testing.assert_close(maps.double().mean(dim=(0, 2, 3, 4)), ref_b, rtol=1e-5, atol=1e-6)
     # nothing scored → exit 1; unknown block → usage error 2
     rc, _, _ = run_cli(
@@ -450,4 +491,4 @@ def test_extract_features_pt_full_block_maps(data, tmp_path: Path, capsys) -> No
          "--block", "res9"],
         capsys,
     )  # fmt: skip
-    assert rc == 2 and "stages.1.nonlocal" in err
+    assert rc == 2 and "res4.nonlocal0" in err

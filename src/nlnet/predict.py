@@ -662,7 +662,6 @@ def draw_attention(
 ) -> dict[str, Any]:
     """Figure 3 for one view of the video (the middle clip's centre view) with the same model."""
     from nlnet.viz.attention import capture_attention, draw_attention_arrows, pick_queries
-    from nlnet.viz.cli import display_frames
 
     protocol = loaded.protocol
     middle = protocol.clips // 2
@@ -673,9 +672,10 @@ def draw_attention(
             break
     cap = capture_attention(loaded.model, clip[None].to(loaded.device), block=block)
     queries = pick_queries(cap.weights, cap.grid, 3)
-    mean = torch.tensor(protocol.mean).view(3, 1, 1, 1) / 255
-    std = torch.tensor(protocol.std).view(3, 1, 1, 1) / 255
-    frames_01 = display_frames(clip, mean, std)
+    # the view back in [0, 1] RGB for drawing: (3, T, H, W) → (T, H, W, 3)
+    mean = torch.tensor(protocol.mean).view(3, 1, 1, 1)
+    std = torch.tensor(protocol.std).view(3, 1, 1, 1)
+    frames_01 = ((clip * std + mean) / 255).clamp(0, 1).permute(1, 2, 3, 0).numpy()
     path = draw_attention_arrows(frames_01, cap.weights, cap.grid, queries, out, top_k=20)
     return {"attention": str(path), "attention_block": cap.name, "attention_clip": middle}
 
