@@ -286,6 +286,17 @@ def test_predict_probabilities_equal_manual_computation(data, capsys) -> None:
         np.testing.assert_allclose([p["probability"] for p in top], ref_p.numpy(), atol=1e-6)
 
 
+def test_non_finite_scores_are_an_error_not_a_prediction(data, tmp_path: Path, capsys) -> None:
+    obj = torch.load(data["weights"], weights_only=True)
+    obj["model"]["head.fc.bias"][7] = float("nan")
+    torch.save(obj, tmp_path / "nan.pth")
+    rc, out, _ = run_cli(
+        ["predict", data["a"], "--weights", tmp_path / "nan.pth", "--json"], capsys
+    )
+    assert rc == 1
+    assert "not finite" in json.loads(out)["videos"][0]["error"]
+
+
 def test_predict_text_output_and_protocol_overrides(data, capsys) -> None:
     rc, out, _ = run_cli(
         ["predict", data["a"], data["missing"], "--weights", data["weights"], "--clips", "2",

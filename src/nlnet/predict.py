@@ -706,6 +706,11 @@ def predict_videos(
         except PER_VIDEO_ERRORS as e:
             results.append({"video": video.path, "error": _message(video.path, e)})
             continue
+        if not bool(torch.isfinite(out.probs).all()):
+            results.append(
+                {"video": video.path, "error": f"{video.path}: the model's scores are not finite"}
+            )
+            continue
         probs, idx = out.probs.topk(k)
         entry: dict[str, Any] = {
             "video": video.path,
