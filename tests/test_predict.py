@@ -172,7 +172,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return rc, cap.out, cap.err
 
 
-def manual_views(path: Path, pre: dict[str, Any]) -> list[torch.Tensor]:
+def manual_views(path: Path, pre: dict[str, Any], test_crop: str = "three") -> list[torch.Tensor]:
     """§4.2 views decoded by hand: clip k starts at floor(k·N/K), indices wrap modulo N."""
     info = probe_video(path)
     n = info.num_frames
@@ -180,12 +180,12 @@ def manual_views(path: Path, pre: dict[str, Any]) -> list[torch.Tensor]:
     for k in range(pre["clips"]):
         idx = [(k * n // pre["clips"] + j * pre["stride"]) % n for j in range(pre["frames"])]
         frames = decode_frames(info, idx)
-        for v in range(pre["crops"]):
+        for v in range(pre["crops"] if test_crop == "three" else 1):
             views.append(
                 eval_transform(
                     frames,
                     scale=pre["test_scale"],
-                    test_crop="three",
+                    test_crop=test_crop,
                     view=v,
                     crop_size=pre["crop"],
                     normalization="original",
@@ -269,13 +269,13 @@ def test_predict_probabilities_equal_manual_computation(data, capsys) -> None:
     model.eval()
     protocol = TestProtocol.from_preprocessing(cfg["preprocessing"])
     rc, out, _ = run_cli(
-        ["predict", data["a"], data["c"], "--weights", data["weights"], "--json",
+        ["predict", data["a"], data["b"], data["c"], "--weights", data["weights"], "--json",
          "--batch-size", "4"],
         capsys,
     )  # fmt: skip
     assert rc == 0
     report = {Path(r["video"]).name: r for r in json.loads(out)["videos"]}
-    for key in ("a", "c"):
+    for key in ("a", "b", "c"):  # landscape, portrait (crops along the height), short
         ref = manual_probs(model, manual_views(data[key], PRE))
         got = infer_video(model, str(data[key]), protocol, batch_size=VIEWS).probs
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
@@ -284,6 +284,13 @@ def test_predict_probabilities_equal_manual_computation(data, capsys) -> None:
         ref_p, ref_i = ref.topk(5)
         assert [p["index"] for p in top] == ref_i.tolist()
         np.testing.assert_allclose([p["probability"] for p in top], ref_p.numpy(), atol=1e-6)
+    # one centre crop, and the whole frame (the paper's fully-convolutional test)
+    for test_crop in ("center", "full"):
+        p = TestProtocol.from_preprocessing(cfg["preprocessing"], test_crop=test_crop)
+        ref = manual_probs(model, manual_views(data["b"], PRE, test_crop))
+        got = infer_video(model, str(data["b"]), p, batch_size=2)
+        assert got.views == PRE["clips"]
+        torch.testing.assert_close(got.probs, ref, rtol=0, atol=1e-6)
 
 
 def test_non_finite_scores_are_an_error_not_a_prediction(data, tmp_path: Path, capsys) -> None:
