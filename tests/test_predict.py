@@ -24,7 +24,7 @@ from nlnet import create_model
 from nlnet.cli import main
 from nlnet.data.classes import kinetics400
 from nlnet.data.transforms import eval_transform
-from nlnet.data.video import decode_frames, probe_video
+from nlnet.data.video import VideoDecodeError, decode_frames, probe_video
 from nlnet.models import VideoResNet
 from nlnet.models.registry import _MODELS, register_model
 from nlnet.predict import (
@@ -32,6 +32,7 @@ from nlnet.predict import (
     _load,
     collect_inputs,
     infer_video,
+    prefetch,
 )
 from videos import make_video, truncate
 
@@ -291,6 +292,52 @@ def test_predict_probabilities_equal_manual_computation(data, capsys) -> None:
         got = infer_video(model, str(data["b"]), p, batch_size=2)
         assert got.views == PRE["clips"]
         torch.testing.assert_close(got.probs, ref, rtol=0, atol=1e-6)
+
+
+def test_prefetch_order_errors_and_early_stop() -> None:
+    import threading
+
+    assert list(prefetch(iter(range(20)), 3)) == list(range(20))
+    assert list(prefetch(iter(range(5)), 0)) == list(range(5))
+
+    def failing():
+        yield 1
+        raise VideoDecodeError("x.mp4: corrupt")
+
+    got = []
+    with pytest.raises(VideoDecodeError, match="corrupt"):
+        for item in prefetch(failing(), 2):
+            got.append(item)
+    assert got == [1]
+
+    def alive() -> bool:
+        return any(t.name == "nlnet-prefetch" and t.is_alive() for t in threading.enumerate())
+
+    it = prefetch(iter(range(1000)), 2)
+    assert next(it) == 0
+    assert alive()
+    it.close()  # the consumer stops early: the thread ends
+    assert not alive()
+
+
+def test_prefetched_views_give_the_same_scores(data, capsys) -> None:
+    model, cfg = _load(data["weights"])
+    model.eval()
+    protocol = TestProtocol.from_preprocessing(cfg["preprocessing"])
+    plain = infer_video(model, str(data["b"]), protocol, batch_size=2)
+    ahead = infer_video(model, str(data["b"]), protocol, batch_size=2, prefetch_views=4)
+    torch.testing.assert_close(ahead.probs, plain.probs, rtol=0, atol=0)
+    with pytest.raises(VideoDecodeError, match=r"cut\.mp4"):
+        infer_video(model, str(data["cut"]), protocol, prefetch_views=4)
+    outs = []
+    for extra in ([], ["--prefetch", "5"]):
+        rc, out, _ = run_cli(
+            ["predict", data["a"], data["cut"], "--weights", data["weights"], "--json", *extra],
+            capsys,
+        )
+        assert rc == 0
+        outs.append(json.loads(out)["videos"])
+    assert outs[0] == outs[1]
 
 
 def test_non_finite_scores_are_an_error_not_a_prediction(data, tmp_path: Path, capsys) -> None:

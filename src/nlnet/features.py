@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             out = infer_video(
                 loaded.model, video.path, loaded.protocol, batch_size=args.batch_size,
                 device=loaded.device, features=True, blocks=args.block,
-                block_pool=args.block_pool,
+                block_pool=args.block_pool, prefetch_views=loaded.prefetch,
             )  # fmt: skip
             assert out.features is not None
             files = write_features(

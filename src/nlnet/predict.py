@@ -32,11 +32,13 @@ import argparse
 import inspect
 import json
 import os
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -203,6 +205,57 @@ def video_views(path: str, protocol: TestProtocol) -> Iterator[Tensor]:
         yield from clip_views(frames, protocol)
 
 
+_T = TypeVar("_T")
+
+
+def prefetch(items: Iterator[_T], depth: int) -> Iterator[_T]:
+    """Iterate ``items`` in a background thread, up to ``depth`` items ahead.
+
+    Decoding and resizing the next views (PyAV and PyTorch release the GIL) then overlaps the
+    model's forward pass on an accelerator.  Items come in order; an exception of ``items`` is
+    raised here; when the consumer stops early, the thread stops after its current item.
+    ``depth`` 0 iterates in the calling thread.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put((kind, value), timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put("item", item):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            put("error", e)
+            return
+        put("end", None)
+
+    thread = threading.Thread(target=work, name="nlnet-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
 # -- running the model over the views ---------------------------------------------------------
 def classifier_input_module(model: nn.Module) -> nn.Module:
     """The module whose input is the last stage's features: ``head`` (VideoResNet) or ``fc``."""
@@ -267,8 +320,12 @@ def infer_video(
     features: bool = False,
     blocks: Sequence[str] = (),
     block_pool: str = "avg",
+    prefetch_views: int = 0,
 ) -> VideoOutput:
     """Score every view of ``path`` (in batches of ``batch_size`` views) and average (§4.2).
+
+    ``prefetch_views`` > 0 decodes and transforms that many views ahead in a background thread
+    (:func:`prefetch`; same results, faster on an accelerator).
 
     ``features``: also average the classifier's input, pooled over T×H×W (res5's 2048-d
     features for a ResNet-50).  ``blocks``: names of sub-modules whose output is captured with a
@@ -316,7 +373,7 @@ def infer_video(
             count += len(batch)
             batch.clear()
 
-        for view in video_views(path, protocol):
+        for view in prefetch(video_views(path, protocol), prefetch_views):
             batch.append(view)
             if len(batch) == batch_size:
                 flush()
@@ -454,6 +511,7 @@ class LoadedModel:
     protocol: TestProtocol
     test_head: str
     device: torch.device
+    prefetch: int = 0  # views decoded ahead in a background thread
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -483,7 +541,12 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     num_classes = cfg.get("num_classes")
     if not num_classes:
         num_classes = int(classifier_output_size(model))
-    return LoadedModel(model, cfg, class_names(cfg, int(num_classes)), protocol, head, device)
+    depth = getattr(args, "prefetch", None)
+    if depth is None:  # overlap decoding with an accelerator; on CPU they share the cores
+        depth = 2 * getattr(args, "batch_size", 6) if device.type != "cpu" else 0
+    return LoadedModel(
+        model, cfg, class_names(cfg, int(num_classes)), protocol, head, device, max(0, depth)
+    )
 
 
 def classifier_output_size(model: nn.Module) -> int:
@@ -605,6 +668,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=6, help="views per forward pass (default 6)"
     )
+    parser.add_argument(
+        "--prefetch", type=int, default=None, metavar="N",
+        help="views decoded ahead in a background thread (default: 2 batches on a GPU, 0 on CPU)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -701,7 +768,7 @@ def predict_videos(
         try:
             out = infer_video(
                 loaded.model, video.path, loaded.protocol, batch_size=batch_size,
-                device=loaded.device,
+                device=loaded.device, prefetch_views=loaded.prefetch,
             )  # fmt: skip
         except PER_VIDEO_ERRORS as e:
             results.append({"video": video.path, "error": _message(video.path, e)})
