@@ -35,7 +35,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -208,7 +208,7 @@ def video_views(path: str, protocol: TestProtocol) -> Iterator[Tensor]:
 _T = TypeVar("_T")
 
 
-def prefetch(items: Iterator[_T], depth: int) -> Iterator[_T]:
+def prefetch(items: Iterator[_T], depth: int) -> Generator[_T, None, None]:
     """Iterate ``items`` in a background thread, up to ``depth`` items ahead.
 
     Decoding and resizing the next views (PyAV and PyTorch release the GIL) then overlaps the
@@ -373,12 +373,16 @@ def infer_video(
             count += len(batch)
             batch.clear()
 
-        for view in prefetch(video_views(path, protocol), prefetch_views):
-            batch.append(view)
-            if len(batch) == batch_size:
+        views = prefetch(video_views(path, protocol), prefetch_views)
+        try:  # close() stops the prefetch thread at once if the model fails
+            for view in views:
+                batch.append(view)
+                if len(batch) == batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
+        finally:
+            views.close()
     finally:
         for handle in handles:
             handle.remove()
