@@ -29,6 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "nlnet.engine.evaluate",
         "evaluate a checkpoint with the test protocol (clips x crops)",
     ),
+    "predict": ("nlnet.predict", "classify videos with released or trained weights (top-5 labels)"),
+    "extract-features": (
+        "nlnet.features",
+        "write pooled res5 (and chosen block) features of videos to .npy/.pt",
+    ),
     "plot": ("nlnet.viz.curves", "plot train/val error against iterations for runs (Figure 4)"),
     "weights": ("nlnet.models.hub", "list / download / convert the released models' weights"),
 }

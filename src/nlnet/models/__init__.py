@@ -6,6 +6,7 @@ from nlnet.models import (
 )
 from nlnet.models.registry import create_model, list_models, register_model
 from nlnet.models.resnet import (
+    TEST_HEADS,
     BasicBlock,
     Bottleneck,
     FrozenBatchNorm,
@@ -19,6 +20,7 @@ from nlnet.models.resnet import (
 from nlnet.models.weights import LoadReport, UnsafeCheckpointError, load_weights
 
 __all__ = [
+    "TEST_HEADS",
     "BasicBlock",
     "Bottleneck",
     "FrozenBatchNorm",

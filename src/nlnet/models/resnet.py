@@ -261,21 +261,84 @@ class ResStage(nn.Sequential):
     """One stage: residual blocks ``0..n-1``, with ``nonlocal{i}`` right after block ``i``."""
 
 
+TEST_HEADS: tuple[str, ...] = ("global", "fully_conv")
+
+
 class Head(nn.Module):
-    """Global average pool → dropout → fc (§4.1); any T×H×W gives (B, num_classes) logits."""
+    """Average pool → dropout → fc (§4.1; reference §5.4).
+
+    Training (and ``test_head="global"`` in eval mode): global average pool over T×H×W → dropout
+    → fc, (B, num_classes) logits for any T×H×W.
+
+    ``test_head="fully_conv"`` in eval mode is the original release's test net (reference §4.2,
+    §5.4, ``TEST_FULLY_CONV``): res5 is averaged with a [T, 7, 7] window at stride 1, the fc is
+    applied at every window position as a 1×1×1 convolution, each position is softmaxed and the
+    probabilities are averaged over positions (a 256×256 crop gives res5 8×8, i.e. 2×2 positions).
+    The window is clipped to res5's size, so a res5 of at most 7×7 gives one position, i.e.
+    ``softmax`` of the global head.  It returns the **log** of the averaged probabilities,
+    ``log(mean_p softmax(fc(x_p)))``: every caller that turns logits into probabilities with a
+    softmax (``nlnet eval``, ``nlnet predict``, ``argmax``/top-k) gets exactly the averaged
+    probabilities, since ``softmax(log p) = p`` when ``p`` sums to 1.  (It is meant for softmax
+    classifiers; a sigmoid of it is not a per-class probability.)  :attr:`returns_log_probabilities`
+    says when the output is such log-probabilities.
+    """
 
     def __init__(
-        self, in_channels: int, num_classes: int, dropout: float, factory: dict[str, Any]
+        self,
+        in_channels: int,
+        num_classes: int,
+        dropout: float,
+        factory: dict[str, Any],
+        test_head: str = "global",
+        window: int = 7,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes, **factory)
+        self.window = window
+        self.test_head = test_head
+
+    @property
+    def test_head(self) -> str:
+        """``"global"`` or ``"fully_conv"``: the head used in eval mode."""
+        return self._test_head
+
+    @test_head.setter
+    def test_head(self, value: str) -> None:
+        if value not in TEST_HEADS:
+            raise ValueError(f"unknown test_head {value!r}; expected one of {TEST_HEADS}")
+        self._test_head = value
+
+    @property
+    def returns_log_probabilities(self) -> bool:
+        """True when :meth:`forward` returns log-probabilities (fully-conv head in eval mode)."""
+        return self._test_head == "fully_conv" and not self.training
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.returns_log_probabilities:
+            return self.fully_conv(x).log()
         x = x.mean(dim=(2, 3, 4))
         return self.fc(self.dropout(x))
+
+    def fully_conv(self, x: Tensor) -> Tensor:
+        """Averaged probabilities (B, num_classes) of the fully-convolutional test head."""
+        if x.dim() != 5:
+            raise ValueError(f"the head expects (B, C, T, H, W) features, got {tuple(x.shape)}")
+        t, h, w = x.shape[2:]
+        pooled = F.avg_pool3d(x, (t, min(self.window, h), min(self.window, w)), stride=1)
+        # (B, C, 1, H', W') → (B, P, C): the fc at every position is a 1×1×1 convolution.
+        positions = pooled.flatten(2).transpose(1, 2)
+        logits = F.linear(positions, self.fc.weight, self.fc.bias)
+        # at least float32 under autocast (half-precision logits), float64 stays float64
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return torch.softmax(logits, dim=-1, dtype=dtype).mean(dim=1)
+
+    def extra_repr(self) -> str:
+        return f"test_head={self._test_head!r}, window={self.window}"
 
 
 def stage_name(stage: int | str) -> str:
@@ -316,6 +379,10 @@ class VideoResNet(nn.Module):
             PyTorch's 0.1).
         zero_init_residual: start the last BN of each residual branch at γ = 0.
         fc_init_std: std of the classifier's Gaussian init (0.01 in the original code).
+        test_head: the head in eval mode: ``"global"`` (global mean → fc, logits) or
+            ``"fully_conv"`` (the original release's test net, §4.2: fc at every position of a
+            [T, 7, 7] window, softmax per position, averaged; returns log-probabilities). See
+            :class:`Head`; changeable after construction through :attr:`test_head`.
     """
 
     def __init__(
@@ -344,6 +411,7 @@ class VideoResNet(nn.Module):
         bn_momentum: float = 0.1,
         zero_init_residual: bool = False,
         fc_init_std: float = 0.01,
+        test_head: str = "global",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -437,7 +505,7 @@ class VideoResNet(nn.Module):
                 spec = _pool_spec(pool2, "pool2")
                 self.pool2 = None if spec is None else nn.MaxPool3d(spec[0], spec[1], spec[2])
         self.out_channels = channels
-        self.head = Head(channels, num_classes, dropout, factory)
+        self.head = Head(channels, num_classes, dropout, factory, test_head=test_head)
         self.reset_parameters()
 
     @staticmethod
@@ -485,6 +553,15 @@ class VideoResNet(nn.Module):
         nn.init.normal_(self.head.fc.weight, std=self.fc_init_std)
         nn.init.zeros_(self.head.fc.bias)
 
+    @property
+    def test_head(self) -> str:
+        """The eval-mode head, ``"global"`` or ``"fully_conv"`` (see :class:`Head`)."""
+        return self.head.test_head
+
+    @test_head.setter
+    def test_head(self, value: str) -> None:
+        self.head.test_head = value
+
     def stages(self) -> list[ResStage]:
         return [getattr(self, n) for n in self.stage_names]
 
@@ -506,7 +583,10 @@ class VideoResNet(nn.Module):
         return feats
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits (B, num_classes) for a clip (B, C, T, H, W) of any size."""
+        """Logits (B, num_classes) for a clip (B, C, T, H, W) of any size.
+
+        With ``test_head="fully_conv"`` in eval mode: log-probabilities (see :class:`Head`).
+        """
         if x.dim() != 5:
             raise ValueError(
                 f"VideoResNet expects (B, C, T, H, W) clips, got shape {tuple(x.shape)}"

@@ -136,6 +136,7 @@ def build_video_resnet(
     dropout: float = 0.5,
     nonlocal_stage: int | str | None = None,
     zero_init_residual: bool = False,
+    test_head: str = "global",
     pretrained: Any = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -158,6 +159,9 @@ def build_video_resnet(
         freeze_bn: every backbone BN becomes a frozen affine (the 128-frame recipe, §4.1).
         dropout: before the classifier (0.5).
         nonlocal_stage: stage of the single block of a one-block model (Table 2b).
+        test_head: eval-mode head: ``"global"`` (global mean → fc) or ``"fully_conv"`` (the
+            original release's test net, §4.2: softmax at every [T, 7, 7] window position,
+            averaged; the output is then log-probabilities). See :class:`~nlnet.models.Head`.
         pretrained: a checkpoint path, URL or state dict loaded with
             :func:`nlnet.models.load_weights` (our format, torchvision 2D ResNets and the
             foreign layouts of :mod:`nlnet.models.convert` are recognised and inflated).
@@ -226,6 +230,7 @@ def build_video_resnet(
         dropout=dropout,
         freeze_bn=freeze_bn,
         zero_init_residual=zero_init_residual,
+        test_head=test_head,
         device=device,
         dtype=dtype,
     )
@@ -254,6 +259,7 @@ _BUILDER_KWARGS = (
     "nonlocal_stage",
     "nonlocal_blocks",
     "zero_init_residual",
+    "test_head",
     "pretrained",
     "device",
     "dtype",
