@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from nlnet.block import NonLocalBlock
+from nlnet.geometry import attention_problems, key_shape
 
 Shape3 = tuple[int, int, int]
 Pixel = tuple[int, float, float]  # (frame, y, x); pixel centres at integer coordinates
@@ -104,9 +105,8 @@ class AttentionGrid:
         if block.dim != 3:
             raise ValueError(f"attention figures need a video block (dim=3), got dim={block.dim}")
         q = _shape3("query_shape", query_shape)
-        kernel = block.subsample or (1, 1, 1)
-        key = (q[0] // kernel[0], q[1] // kernel[1], q[2] // kernel[2])
-        return cls(q, key, _shape3("clip_shape", clip_shape), (kernel[0], kernel[1], kernel[2]))
+        kernel = _shape3("subsample", block.subsample or (1, 1, 1))
+        return cls(q, key_shape(q, kernel), _shape3("clip_shape", clip_shape), kernel)
 
     @property
     def num_queries(self) -> int:
@@ -192,20 +192,10 @@ def dense_attention(
     (t, h, w), (tk, hk, wk) = grid.query_shape, grid.key_shape
     nq, nk = grid.num_queries, grid.num_keys
     assert grid.subsample is not None
-    if extent == "spacetime" and not temporal_groups:
-        per_clip = 1
-        expected = (nq, nk)
-    elif extent == "spacetime":
-        k = temporal_groups
-        assert k is not None
-        groups = t // k
-        per_clip, expected = groups, (k * h * w, (tk // groups) * hk * wk)
-    elif extent == "space":
-        per_clip, expected = t, (h * w, hk * wk)
-    elif extent == "time":
-        per_clip, expected = h * w, (t, tk)
-    else:
-        raise ValueError(f"unknown extent {extent!r}; expected 'spacetime', 'space' or 'time'")
+    per_clip, nq_clip, nk_clip = attention_problems(
+        extent, temporal_groups, grid.query_shape, grid.key_shape
+    )
+    expected = (nq_clip, nk_clip)
     if weights.shape[0] % per_clip or tuple(weights.shape[1:]) != expected:
         raise ValueError(
             f"weights of shape {tuple(weights.shape)} do not match extent={extent!r}, "
@@ -222,10 +212,8 @@ def dense_attention(
     q_ids = torch.arange(nq).reshape(t, h, w)
     k_ids = torch.arange(nk).reshape(tk, hk, wk)
     if extent == "spacetime":  # temporal groups: block-diagonal over groups of frames
-        k = temporal_groups
-        assert k is not None
-        kg = tk // (t // k)
-        for gi in range(t // k):
+        k, kg = t // per_clip, tk // per_clip
+        for gi in range(per_clip):
             qi = q_ids[gi * k : (gi + 1) * k].reshape(-1)
             ki = k_ids[gi * kg : (gi + 1) * kg].reshape(-1)
             out[qi[:, None], ki[None, :]] = part[gi]
