@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from nlnet.data.video import VideoDecodeError, decode_frames, probe_video
+from nlnet.io import atomic_write, atomic_write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,10 +116,8 @@ def contact_sheet(
             sheet.paste(im, (x, y + cap_h))
             x += im.width
         y += height + cap_h
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, out)
+    with atomic_write(out) as fh:
+        sheet.save(fh, format="PNG")
     return out
 
 
@@ -181,15 +180,8 @@ def scan(args: argparse.Namespace) -> dict[str, Any]:
         captions.append((r.path, f"{r.id}  [{names}]"))
     sheet = contact_sheet(captions, out / "contact_sheet.png", args.sheet_frames, ds.frame_rate)
     summary["contact_sheet"] = str(sheet) if sheet else None
-    _write(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fmt_range(name: str, r: dict[str, float] | None, unit: str = "") -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from nlnet.data.video import (
     decode_frames,
     probe_video,
 )
+from nlnet.io import atomic_write_text
 
 log = logging.getLogger("nlnet.data")
 
@@ -61,20 +61,6 @@ class VideoRecord:
     path: str
     labels: tuple[int, ...] = ()
     actions: tuple[tuple[int, float, float], ...] = ()
-
-
-def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _is_clip_source(path: str) -> bool:
@@ -190,7 +176,7 @@ class VideoClipDataset(Dataset):
                 self.missing_paths[0],
             )
         if missing_report is not None:
-            _write_atomic(
+            atomic_write_text(
                 missing_report,
                 "".join(f"{i}\t{p}\n" for i, p in zip(self.missing, self.missing_paths)),
             )

@@ -32,7 +32,6 @@ from nlnet.engine import distributed as dist
 from nlnet.engine.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
-    atomic_write_text,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -52,6 +51,7 @@ from nlnet.engine.precise_bn import bn_modules, keep_frozen, update_bn_stats
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.engine.task import Task, build_task
+from nlnet.io import atomic_write_text
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,7 +150,7 @@ class Trainer:
         if path is None:
             if dist.is_main():
                 self.out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(dump_yaml(self.cfg), self.out / "config.yaml")
+                atomic_write_text(self.out / "config.yaml", dump_yaml(self.cfg))
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return
         ck = load_checkpoint(path, map_location=self.device)
@@ -196,7 +196,7 @@ class Trainer:
                 continue
             if isinstance(rec, dict) and rec.get("iteration", iteration + 1) <= iteration:
                 keep.append(ln)
-        atomic_write_text("".join(ln + "\n" for ln in keep), f)
+        atomic_write_text(f, "".join(ln + "\n" for ln in keep))
 
     def _loader(self, sampler: Any, workers: int, *, batch: bool) -> DataLoader:
         kw: dict[str, Any] = {

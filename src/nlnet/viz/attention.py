@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 
 from nlnet.block import NonLocalBlock
 from nlnet.geometry import attention_problems, key_shape
+from nlnet.io import atomic_write
 
 Shape3 = tuple[int, int, int]
 Pixel = tuple[int, float, float]  # (frame, y, x); pixel centres at integer coordinates
@@ -396,15 +396,8 @@ def _shown_frames(frames: np.ndarray, shown: Sequence[int] | None, grid: Attenti
 
 def _save(fig: Any, out: str | os.PathLike[str], dpi: int) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(out) as fh:
+        fig.savefig(fh, dpi=dpi, format="png")
     return out
 
 
