@@ -34,13 +34,11 @@ def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[.
 
 
 def list_datasets() -> list[str]:
-    import nlnet.data  # noqa: F401  (registers the builders)
-
+    """Registered dataset names (importing this module imported :mod:`nlnet.data`, which
+    registers the builders)."""
     return DATASETS.names()
 
 
 def build_dataset(name: str, **kwargs: Any) -> Dataset:
     """Build the dataset registered as ``name`` with its keyword arguments."""
-    import nlnet.data  # noqa: F401
-
     return DATASETS.get(name)(**kwargs)
