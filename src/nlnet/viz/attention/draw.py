@@ -72,6 +72,21 @@ def _save(fig: Any, out: str | os.PathLike[str], dpi: int) -> Path:
     return out
 
 
+_DPI = 100
+
+
+def _image_figure(plt: Any, image: np.ndarray, scale: int) -> tuple[Any, Any]:
+    """A figure showing ``image`` pixel for pixel, ``scale`` PNG pixels each, and its axes."""
+    width, height = figure_size(image.shape[:2], scale)
+    fig = plt.figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)
+    ax.axis("off")
+    return fig, ax
+
+
 def figure_size(canvas_hw: tuple[int, int], scale: int) -> tuple[int, int]:
     """PNG (width, height) in pixels of a figure whose canvas is ``canvas_hw`` frame pixels."""
     return canvas_hw[1] * scale, canvas_hw[0] * scale
@@ -118,15 +133,8 @@ def draw_attention_arrows(
     scale = scale or max(1, math.ceil(128 / w))
     arrows = attention_arrows(weights, grid, queries, top_k=top_k, frames=shown)
     canvas = _canvas(f, shown, gap)
-    dpi = 100
-    width, height = figure_size(canvas.shape[:2], scale)
-    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fig, ax = _image_figure(plt, canvas, scale)
     try:
-        ax = fig.add_axes((0, 0, 1, 1))
-        ax.imshow(canvas, interpolation="nearest")
-        ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
-        ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
-        ax.axis("off")
         offset = {fr: p * (w + gap) for p, fr in enumerate(shown)}
         for qi, (q, arrs) in enumerate(zip(queries, arrows)):
             colour = QUERY_COLOURS[qi % len(QUERY_COLOURS)]
@@ -156,7 +164,7 @@ def draw_attention_arrows(
             ax.add_patch(
                 Circle(start, radius=1.2, fill=False, edgecolor=colour, linewidth=scale / 2.5)
             )
-        return _save(fig, out, dpi)
+        return _save(fig, out, _DPI)
     finally:
         plt.close(fig)
 
@@ -238,15 +246,8 @@ def draw_attention_heatmap(
     stacked = rows[0]
     for r in rows[1:]:
         stacked = np.concatenate([stacked, gap_row, r], axis=0)
-    dpi = 100
-    width, height = figure_size(stacked.shape[:2], scale)
-    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fig, ax = _image_figure(plt, stacked, scale)
     try:
-        ax = fig.add_axes((0, 0, 1, 1))
-        ax.imshow(stacked, interpolation="nearest")
-        ax.set_xlim(-0.5, stacked.shape[1] - 0.5)
-        ax.set_ylim(stacked.shape[0] - 0.5, -0.5)
-        ax.axis("off")
         offset = {fr: p * (w + gap) for p, fr in enumerate(shown)}
         for qi, q in enumerate(queries):
             qf, qy, qx = grid.query_pixel(int(q))
@@ -257,6 +258,6 @@ def draw_attention_heatmap(
             ax.add_patch(
                 Circle(centre, radius=1.5, fill=False, edgecolor=colour, linewidth=scale / 2.5)
             )
-        return _save(fig, out, dpi)
+        return _save(fig, out, _DPI)
     finally:
         plt.close(fig)
