@@ -56,6 +56,8 @@ ALLOWED: dict[str, set[str]] = {
     "viz": _BASE | {"ops", "block", "viz"},
 }
 PACKAGES = ["ops", "block", "models", "data", "metrics", "viz", "config", "engine", "detection"]
+# Command modules that register the detection task only when a config asks for it.
+VIDEO_COMMANDS = ["train", "eval"]
 
 
 def layer(module: str) -> str:
@@ -215,7 +217,7 @@ def loaded_modules() -> dict[str, list[str]]:
             text=True,
             env=env,
         )
-        for p in PACKAGES
+        for p in [*PACKAGES, *VIDEO_COMMANDS]
     }
     out = {}
     for p, proc in procs.items():
@@ -239,3 +241,19 @@ def test_package_imports_nothing_above_it(
 def test_upward_import_is_detected() -> None:
     # The check above would see an engine module loaded by a models import.
     assert layer("nlnet.engine.trainer") not in ALLOWED[layer("nlnet.models.zoo")]
+
+
+@pytest.mark.parametrize("command", VIDEO_COMMANDS)
+def test_video_commands_do_not_load_detection(
+    command: str, loaded_modules: dict[str, list[str]]
+) -> None:
+    assert not [m for m in loaded_modules[command] if layer(m) == "detection"]
+
+
+def test_shipped_tasks_register_on_demand() -> None:
+    from nlnet.engine.task import TASKS
+    from nlnet.tasks import SHIPPED_TASKS, ensure_task
+
+    for name in SHIPPED_TASKS:
+        ensure_task(name)
+        assert name in TASKS

@@ -30,6 +30,7 @@ from nlnet.data.transforms import center_crop_box, mean_std, resized_crop, short
 from nlnet.data.video import VideoDecodeError, decode_frames, probe_video
 from nlnet.engine.evaluate import load_for_eval
 from nlnet.engine.task import build_task
+from nlnet.tasks import ensure_task
 from nlnet.viz.attention import (
     attention_arrows,
     capture_attention,
@@ -116,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
+        ensure_task(cfg.task)
         task = build_task(cfg.task, cfg)
         model = task.build_model()
         blocks = list(nonlocal_blocks(model))

@@ -1,4 +1,4 @@
-"""``nlnet train CONFIG [key=value ...]``: the training loop of paper §4.1 for any registered task.
+"""The training loop of paper §4.1 for any registered task (``nlnet train`` runs it).
 
 One iteration = one optimiser step over the global batch (processes × micro-batches, see
 ``engine/optim.py``). Every ``train.checkpoint_period`` iterations (and at the end) BN statistics
@@ -12,10 +12,8 @@ equal an uninterrupted run's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -28,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nlnet.config import Config, ConfigError, dump_yaml, load_config, to_dict
+from nlnet.config import Config, ConfigError, dump_yaml, to_dict
 from nlnet.engine import distributed as dist
 from nlnet.engine.checkpoint import (
     FORMAT_VERSION,
@@ -552,48 +550,3 @@ class _LogWindow:
         rate = (iteration - self.iteration) * global_batch / max(now - self.start, 1e-9)
         self.iteration, self.start, self.sums, self.count = iteration, now, {}, 0
         return rate
-
-
-# -- command line -----------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML recipe, e.g. configs/kinetics/i3d_r50_nl5_32x2.yaml")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. solver.base_lr=0.005",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
-        trainer.run()
-    except ConfigError as e:
-        print(f"nlnet train: config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"nlnet train: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"nlnet train: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        if _launched_rank() == 0:
-            print(
-                f"nlnet train: stopped by signal {e.signum} at iteration {e.iteration}; "
-                f"checkpoint {e.path} written; run the same command again to resume",
-                file=sys.stderr,
-            )
-        return 128 + int(e.signum)
-    finally:
-        dist.shutdown()
-    if _launched_rank() == 0:
-        print(f"nlnet train: done; run directory {cfg.train.output_dir}", file=sys.stderr)
-    return 0
-
-
-def _launched_rank() -> int:
-    # After the process group is gone, torchrun's RANK still says who we were.
-    return int(os.environ.get("RANK", "0"))
