@@ -34,8 +34,8 @@ def key_shape(query_shape: Sequence[int], subsample: Sequence[int] | None) -> Sh
     ``subsample`` is the block's kernel (kT, kH, kW), or ``None`` for no sub-sampling; max-pool
     with stride = kernel floors each axis.
     """
-    t, h, w = (int(s) for s in query_shape)
-    kt, kh, kw = (1, 1, 1) if subsample is None else (int(k) for k in subsample)
+    t, h, w = query_shape
+    kt, kh, kw = (1, 1, 1) if subsample is None else subsample
     return (t // kt, h // kh, w // kw)
 
 
@@ -52,8 +52,9 @@ def attention_problems(
     ``space``: T problems of H·W queries and Hk·Wk keys; ``time``: H·W problems of T queries and
     Tk keys.
     """
-    t, h, w = (int(s) for s in query_shape)
-    tk, hk, wk = (int(s) for s in key_shape)
+    # Plain arithmetic (no int()): the block calls this on traced, possibly symbolic, shapes.
+    t, h, w = query_shape
+    tk, hk, wk = key_shape
     if extent == "space":
         return AttentionProblems(t, h * w, hk * wk)
     if extent == "time":
