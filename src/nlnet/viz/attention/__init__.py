@@ -4,21 +4,12 @@ Figure 3 draws, for a query position x_i of a trained block, arrows to the 20 ke
 with the highest weight f(x_i, x_j)/C(x) (Eq. 1) over all frames of the clip.  This package
 does that for any :class:`~nlnet.block.NonLocalBlock`:
 
-* :class:`AttentionGrid` maps query and (sub-sampled) key indices to clip frames and pixels.
-  Queries live on the block's input grid (T, H, W); keys on the pooled grid (Tk, Hk, Wk), each
-  key cell covering ``subsample`` query cells (§3.3's sub-sampling, x̂ = max-pool(x)); the
-  query grid covers the whole clip (T_clip, H_img, W_img), so one key maps to the centre of the
-  pixels it pools from, in the frame in the middle of its temporal span.
-* :func:`dense_attention` turns what ``NonLocalBlock.forward(x, return_attention=True)``
-  returns — (B', Nq', Nk') weights laid out per ``extent`` / ``temporal_groups`` — into one
-  (Nq, Nk) matrix per clip, with zeros where a query cannot see a key.
-* :func:`display_weights` makes rows comparable across pairwise forms: softmax rows (Gaussian,
-  embedded Gaussian) already sum to 1; dot-product rows (f/N, possibly negative) and
-  concatenation rows (ReLU(·)/N) are clipped at 0 and rescaled to sum to 1.  A negative
-  dot-product weight *subtracts* g(x_j); it is drawn as no attention.
-* :func:`attention_arrows` / :func:`draw_attention_arrows` — the arrows figure;
-  :func:`draw_attention_heatmap` — one row of frames per query with the weights as a heat map.
-* :func:`capture_attention` runs a model on a clip and returns the weights of one named block.
+* :mod:`.grid` — :class:`AttentionGrid` (query and sub-sampled key indices → clip frames and
+  pixels) and :func:`dense_attention` (a block's returned weights → one (Nq, Nk) matrix a clip);
+* :mod:`.arrows` — :func:`display_weights` (rows comparable across pairwise forms: clipped at 0,
+  summing to 1), :func:`attention_arrows` (the top-k keys of a query), :func:`pick_queries`;
+* :mod:`.draw` — :func:`draw_attention_arrows` (the figure) and :func:`draw_attention_heatmap`;
+* :mod:`.capture` — :func:`capture_attention` runs a model and keeps one block's weights.
 
 All drawing functions are pure (frames and weights in, PNG out) and write atomically.
 """

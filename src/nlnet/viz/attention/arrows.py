@@ -15,7 +15,8 @@ def display_weights(row: Tensor | np.ndarray) -> np.ndarray:
     """A row f(x_i, ·)/C(x_i) made comparable across pairwise forms (clip at 0, sum to 1).
 
     Softmax rows are unchanged; dot-product and concatenation rows (which sum to anything, and
-    dot products may be negative) are clipped at 0 and rescaled to sum to 1.
+    dot products may be negative) are clipped at 0 and rescaled to sum to 1.  A negative
+    dot-product weight *subtracts* g(x_j); it is drawn as no attention.
     """
     w = np.asarray(row.detach().cpu() if isinstance(row, Tensor) else row, dtype=np.float64)
     if w.ndim != 1:
