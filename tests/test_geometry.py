@@ -18,12 +18,12 @@ def test_key_shape_floors_each_axis() -> None:
 @pytest.mark.parametrize(
     ("extent", "groups", "subsample"),
     [
-        ("spacetime", None, (1, 2, 2)),
-        ("spacetime", None, (2, 2, 2)),
-        ("spacetime", 2, (1, 2, 2)),
-        ("spacetime", 4, (2, 2, 2)),
-        ("space", None, (1, 2, 2)),
-        ("time", None, (2, 2, 2)),
+        ("spacetime", None, False),
+        ("spacetime", None, (2, 3, 2)),
+        ("spacetime", 2, (2, 2, 2)),
+        ("spacetime", 8, (1, 3, 1)),
+        ("space", None, (1, 3, 2)),
+        ("time", None, (4, 1, 1)),
         ("time", None, False),
     ],
 )
