@@ -30,7 +30,6 @@ from nlnet.config import Config, ConfigError, dump_yaml, to_dict
 from nlnet.engine import distributed as dist
 from nlnet.engine.checkpoint import (
     FORMAT_VERSION,
-    atomic_save,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -50,7 +49,7 @@ from nlnet.engine.precise_bn import bn_modules, keep_frozen, update_bn_stats
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.engine.task import Task, build_task
-from nlnet.io import atomic_write_text
+from nlnet.io import atomic_save, atomic_write_text
 
 
 class NonFiniteLossError(RuntimeError):
