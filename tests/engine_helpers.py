@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from nlnet.data.registry import _DATASETS, register_dataset
+from nlnet.data.registry import DATASETS, register_dataset
 from nlnet.models.registry import _MODELS, register_model
 
 
@@ -105,7 +105,7 @@ class TinyVideos(Dataset):
 def register() -> None:
     if "engine_test_net" not in _MODELS:
         register_model("engine_test_net")(TinyVideoNet)
-    if "engine_test_videos" not in _DATASETS:
+    if "engine_test_videos" not in DATASETS:
         register_dataset("engine_test_videos")(TinyVideos)
 
 

@@ -85,3 +85,16 @@ def test_data_check_text_folder_and_charades(tmp_path, capsys):
     )  # fmt: skip
     assert rc == 0
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["fps"]["min"] == 24.0
+
+
+def test_scan_is_a_library_function(tmp_path, capsys):
+    from nlnet.data.check import scan
+
+    root, csv = _download(tmp_path)
+    summary = scan("kinetics", root, csv, out=tmp_path / "lib", max_videos=2, sheet_videos=1)
+    assert summary["num_checked"] == 2 and summary["num_listed"] == 5
+    assert json.loads((tmp_path / "lib" / "summary.json").read_text()) == summary
+    with pytest.raises(ValueError, match="charades needs --csv"):
+        scan("charades", root, out=tmp_path / "x")
+    rc = main(["data-check", "--dataset", "charades", "--root", str(root)])
+    assert rc == 2 and "charades needs --csv" in capsys.readouterr().err

@@ -64,3 +64,11 @@ def test_one_block_adds_less_than_5_percent_to_mask_rcnn_r50(capsys) -> None:
 def test_unknown_detector_name_is_an_error(capsys) -> None:
     assert flops.print_detector_flops(["maskrcnn_r18_fpn"]) == 2
     assert "unknown detector" in capsys.readouterr().out
+
+
+def test_nlnet_flops_routes_a_detector_name(capsys) -> None:
+    from nlnet.cli import main
+
+    assert main(["flops", "maskrcnn_r50_fpn_nl"]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("maskrcnn_"))
+    assert row.split()[0] == "maskrcnn_r50_fpn_nl" and row.endswith("%")

@@ -13,7 +13,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nlnet import NonLocalBlock, create_model, list_models
 from nlnet.cli import main as cli_main
-from nlnet.flops import attention_flops, count_cost
 from nlnet.models import (
     FrozenBatchNorm,
     VideoResNet,
@@ -21,6 +20,7 @@ from nlnet.models import (
     load_weights,
     nonlocal_blocks,
 )
+from nlnet.models.flops import attention_flops, count_cost
 from nlnet.models.weights import inflate_weight
 
 

@@ -9,20 +9,28 @@ The public API:
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
-
-from nlnet.block import NonLocalBlock
-from nlnet.ops import nonlocal_attention
 
 __version__ = "0.1.0"
 
 __all__ = ["NonLocalBlock", "__version__", "create_model", "list_models", "nonlocal_attention"]
 
+# Imported on first use, so `import nlnet.data` (or nlnet.ops) loads nothing above it and
+# `import nlnet` stays light for users of the block alone.
+_LAZY = {
+    "NonLocalBlock": "nlnet.block",
+    "nonlocal_attention": "nlnet.ops",
+    "create_model": "nlnet.models",
+    "list_models": "nlnet.models",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # The model zoo is imported lazily so `import nlnet` stays light for users of the block alone.
-    if name in ("create_model", "list_models"):
-        from nlnet import models
-
-        return getattr(models, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'nlnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

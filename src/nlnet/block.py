@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nlnet.geometry import EXTENTS, attention_problems
 from nlnet.ops import PAIRWISE_FUNCTIONS, check_choice, nonlocal_attention
 
-EXTENTS: tuple[str, ...] = ("spacetime", "space", "time")
 NORMS: tuple[str | None, ...] = ("batch", None)
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -58,46 +58,38 @@ class _Layout:
 
     def queries(self, q: Tensor) -> Tensor:
         b, c, t, h, w = q.shape
+        n, nq, _ = attention_problems(self.extent, self.temporal_groups, (t, h, w), (t, h, w))
         if self.extent == "space":
-            return q.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+            return q.permute(0, 2, 3, 4, 1).reshape(b * n, nq, c)
         if self.extent == "time":
-            return q.permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)
+            return q.permute(0, 3, 4, 2, 1).reshape(b * n, nq, c)
         if self.temporal_groups:
-            k = self.temporal_groups
-            return (
-                q.reshape(b, c, t // k, k, h, w)
-                .permute(0, 2, 3, 4, 5, 1)
-                .reshape(b * (t // k), k * h * w, c)
-            )
+            q = q.reshape(b, c, n, t // n, h, w).permute(0, 2, 3, 4, 5, 1)
+            return q.reshape(b * n, nq, c)
         return q.flatten(2).transpose(1, 2)
 
-    def keys(self, k5: Tensor, query_hw: tuple[int, int], pool: tuple[int, int, int]) -> Tensor:
+    def keys(self, k5: Tensor, query_thw: tuple[int, ...], pool: tuple[int, int, int]) -> Tensor:
         """Arrange keys/values (B, C, Tk, Hk, Wk) to match :meth:`queries` (or a (B, Tk, Hk, Wk) mask)."""
         is_mask = k5.dim() == 4
         if is_mask:
             k5 = k5[:, None]
         b, c, t, h, w = k5.shape
+        n, _, nk = attention_problems(self.extent, self.temporal_groups, query_thw, (t, h, w))
         if self.extent == "space":
-            out = k5.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+            out = k5.permute(0, 2, 3, 4, 1).reshape(b * n, nk, c)
         elif self.extent == "time":
             # A query at (h, w) attends, in every frame, to the key cell that pooled its position.
-            qh, qw = query_hw
+            qh, qw = query_thw[1], query_thw[2]
             ih = (torch.arange(qh, device=k5.device) // pool[1]).clamp_max(h - 1)
             iw = (torch.arange(qw, device=k5.device) // pool[2]).clamp_max(w - 1)
             k5 = k5.index_select(3, ih).index_select(4, iw)
-            out = k5.permute(0, 3, 4, 2, 1).reshape(b * qh * qw, t, c)
+            out = k5.permute(0, 3, 4, 2, 1).reshape(b * n, nk, c)
         elif self.temporal_groups:
-            groups = self._key_groups(t, pool)
-            out = k5.reshape(b, c, groups, t // groups, h, w).permute(0, 2, 3, 4, 5, 1)
-            out = out.reshape(b * groups, (t // groups) * h * w, c)
+            out = k5.reshape(b, c, n, t // n, h, w).permute(0, 2, 3, 4, 5, 1)
+            out = out.reshape(b * n, nk, c)
         else:
             out = k5.flatten(2).transpose(1, 2)
         return out[..., 0] if is_mask else out
-
-    def _key_groups(self, tk: int, pool: tuple[int, int, int]) -> int:
-        k = self.temporal_groups
-        assert k is not None
-        return tk // (k // pool[0])
 
     def restore(self, y: Tensor, shape: tuple[int, int, int, int, int]) -> Tensor:
         """Inverse of :meth:`queries` for the output y: back to (B, C, T, H, W)."""
@@ -345,14 +337,14 @@ class NonLocalBlock(nn.Module):
         pool3 = _to5d_kernel(self.subsample, self.dim)
         q5 = _to5d(theta, self.dim)
         qshape = (q5.shape[0], g.shape[1], *q5.shape[2:])
-        query_hw = (q5.shape[3], q5.shape[4])
+        query_thw = tuple(q5.shape[2:])
         q = layout.queries(q5)
-        k = layout.keys(_to5d(phi, self.dim), query_hw, pool3)
-        v = layout.keys(_to5d(g, self.dim), query_hw, pool3)
+        k = layout.keys(_to5d(phi, self.dim), query_thw, pool3)
+        v = layout.keys(_to5d(g, self.dim), query_thw, pool3)
         mask = None
         if key_padding_mask is not None:
             mask = layout.keys(
-                _mask5d(self._pool_mask(key_padding_mask), self.dim), query_hw, pool3
+                _mask5d(self._pool_mask(key_padding_mask), self.dim), query_thw, pool3
             )
             # With extent space/time/groups a row of keys can be all padding (e.g. a padded
             # location for 'time'); its queries are padding too, so let them see those keys

@@ -13,7 +13,7 @@ from nlnet.data.annotations import (
     read_list_file,
 )
 from nlnet.data.datasets import CharadesDataset, VideoClipDataset, VideoRecord
-from nlnet.data.loader import SeededSampler, item_seed, seed_worker
+from nlnet.data.loader import SeededSampler, seed_worker
 from nlnet.data.registry import build_dataset, list_datasets, register_dataset
 from nlnet.data.video import VideoDecodeError, VideoInfo, decode_frames, probe_video
 
@@ -27,7 +27,6 @@ __all__ = [
     "VideoRecord",
     "build_dataset",
     "decode_frames",
-    "item_seed",
     "list_datasets",
     "parse_charades_actions",
     "probe_video",

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from nlnet.data.video import VideoDecodeError, decode_frames, probe_video
+from nlnet.io import atomic_write, atomic_write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,36 +116,50 @@ def contact_sheet(
             sheet.paste(im, (x, y + cap_h))
             x += im.width
         y += height + cap_h
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, out)
+    with atomic_write(out) as fh:
+        sheet.save(fh, format="PNG")
     return out
 
 
-def scan(args: argparse.Namespace) -> dict[str, Any]:
+def scan(
+    dataset: str,
+    root: str | os.PathLike[str],
+    annotations: str | os.PathLike[str] | None = None,
+    *,
+    out: str | os.PathLike[str] = "data-check",
+    workers: int = 1,
+    max_videos: int | None = None,
+    sheet_videos: int = 8,
+    sheet_frames: int = 8,
+    frame_rate: float | None = None,
+) -> dict[str, Any]:
+    """Check every video of a ``dataset`` download at ``root``; write the reports under ``out``.
+
+    ``annotations`` is the official CSV or a list file (required for Charades).  Returns the
+    summary (also written to ``out/summary.json``), or ``{"error": ...}`` when no listed video
+    exists on disk.
+    """
     from tqdm import tqdm
 
     from nlnet.data.registry import build_dataset
 
-    kwargs: dict[str, Any] = {"root": args.root, "mode": "test", "num_clips": 1}
-    ann = args.csv or args.list
-    if ann is not None:
-        kwargs["annotations"] = ann
-    elif args.dataset == "charades":
-        raise SystemExit("nlnet data-check: --dataset charades needs --csv Charades_v1_*.csv")
-    if args.frame_rate is not None:
-        kwargs["frame_rate"] = args.frame_rate
+    kwargs: dict[str, Any] = {"root": root, "mode": "test", "num_clips": 1}
+    if annotations is not None:
+        kwargs["annotations"] = annotations
+    elif dataset == "charades":
+        raise ValueError("--dataset charades needs --csv Charades_v1_*.csv")
+    if frame_rate is not None:
+        kwargs["frame_rate"] = frame_rate
     try:
-        ds = build_dataset(args.dataset, **kwargs)
+        ds = build_dataset(dataset, **kwargs)
     except FileNotFoundError as e:
         return {"error": str(e), "videos": [], "classes": [], "missing": [], "unreadable": []}
-    records = ds.records[: args.max_videos] if args.max_videos else ds.records
+    records = ds.records[:max_videos] if max_videos else ds.records
     paths = [r.path for r in records]
     results: list[dict[str, Any]]
     bar = dict(total=len(paths), desc="checking videos", unit="video", file=sys.stderr)
-    if args.workers > 1:
-        with ProcessPoolExecutor(args.workers) as pool:
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
             it = pool.map(check_video, paths, [ds.frame_rate] * len(paths), chunksize=8)
             results = list(tqdm(it, **bar))
     else:
@@ -152,9 +167,9 @@ def scan(args: argparse.Namespace) -> dict[str, Any]:
     ok = [(r, res) for r, res in zip(records, results) if res["ok"]]
     bad = [res for res in results if not res["ok"]]
     summary: dict[str, Any] = {
-        "dataset": args.dataset,
-        "root": os.path.abspath(args.root),
-        "annotations": ann,
+        "dataset": dataset,
+        "root": os.path.abspath(root),
+        "annotations": None if annotations is None else str(annotations),
         "num_listed": len(ds.records) + len(ds.missing),
         "num_checked": len(records),
         "num_videos": len(ok),
@@ -173,23 +188,16 @@ def scan(args: argparse.Namespace) -> dict[str, Any]:
         "width": _range([res["width"] for _, res in ok]),
         "height": _range([res["height"] for _, res in ok]),
     }
-    out = Path(args.out)
-    picks = ok[:: max(1, math.ceil(len(ok) / max(1, args.sheet_videos)))][: args.sheet_videos]
+    out = Path(out)
+    picks = ok[:: max(1, math.ceil(len(ok) / max(1, sheet_videos)))][:sheet_videos]
     captions = []
     for r, _ in picks:
         names = ", ".join(ds.classes[c] for c in r.labels[:3]) if r.labels else "-"
         captions.append((r.path, f"{r.id}  [{names}]"))
-    sheet = contact_sheet(captions, out / "contact_sheet.png", args.sheet_frames, ds.frame_rate)
+    sheet = contact_sheet(captions, out / "contact_sheet.png", sheet_frames, ds.frame_rate)
     summary["contact_sheet"] = str(sheet) if sheet else None
-    _write(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fmt_range(name: str, r: dict[str, float] | None, unit: str = "") -> str:
@@ -199,7 +207,15 @@ def _fmt_range(name: str, r: dict[str, float] | None, unit: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = scan(args)
+    try:
+        summary = scan(
+            args.dataset, args.root, args.csv or args.list, out=args.out, workers=args.workers,
+            max_videos=args.max_videos, sheet_videos=args.sheet_videos,
+            sheet_frames=args.sheet_frames, frame_rate=args.frame_rate,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"nlnet data-check: error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(summary))
         return 0 if summary.get("videos") else 1

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-_MASK = (1 << 63) - 1
+from nlnet.seeds import derive_seed
 
 
 def seed_worker(worker_id: int) -> None:
@@ -31,22 +31,8 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def item_seed(seed: int, epoch: int, position: int) -> int:
-    """A 63-bit seed for item ``position`` of ``epoch`` of a run seeded with ``seed``.
-
-    SplitMix64-style mixing, so nearby (seed, epoch, position) give unrelated streams.
-    """
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + position) & ((1 << 64) - 1)
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    x ^= x >> 31
-    return x & _MASK
-
-
 class SeededSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, item_seed(seed, epoch, position))`` for the indices of ``sampler``.
+    """Yields ``(index, derive_seed(seed, rank, epoch, position))`` for the indices of ``sampler``.
 
     ``set_epoch`` is forwarded to the wrapped sampler (``DistributedSampler`` needs it).  Under
     DDP, give each rank a different ``seed`` offset only if you want different augmentations
@@ -65,9 +51,8 @@ class SeededSampler(Sampler[tuple[int, int]]):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        base = item_seed(self.seed, self.epoch, self.rank << 40)
         for position, index in enumerate(self.sampler):
-            yield int(index), item_seed(base, self.epoch, position)
+            yield int(index), derive_seed(self.seed, self.rank, self.epoch, position)
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]

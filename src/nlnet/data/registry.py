@@ -23,33 +23,22 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-_DATASETS: dict[str, Callable[..., Dataset]] = {}
+from nlnet.registry import Registry
+
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
     """Decorator registering a dataset class or builder under ``name``."""
-
-    def wrap(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered")
-        _DATASETS[name] = fn
-        return fn
-
-    return wrap
+    return DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
-    import nlnet.data  # noqa: F401  (registers the builders)
-
-    return sorted(_DATASETS)
+    """Registered dataset names (importing this module imported :mod:`nlnet.data`, which
+    registers the builders)."""
+    return DATASETS.names()
 
 
 def build_dataset(name: str, **kwargs: Any) -> Dataset:
     """Build the dataset registered as ``name`` with its keyword arguments."""
-    import nlnet.data  # noqa: F401
-
-    if name not in _DATASETS:
-        raise ValueError(
-            f"unknown dataset {name!r}; expected one of {', '.join(sorted(_DATASETS))}"
-        )
-    return _DATASETS[name](**kwargs)
+    return DATASETS.get(name)(**kwargs)

@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from nlnet.data.registry import register_dataset
+from nlnet.seeds import derive_seed
 
 # Eight saturated, easily told apart colours (RGB in [0, 1]).
 PALETTE: tuple[tuple[float, float, float], ...] = (
@@ -88,7 +89,6 @@ IGNORED_VIDEO_OPTIONS = frozenset(
 
 # Distinct seed streams per split, so val clips are not train clips with the same index.
 _SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
-_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, split, index) over 63 bits
 
 
 @dataclass(frozen=True)
@@ -213,8 +213,7 @@ class ColourMatchDataset(Dataset):
 
     # -- generation ----------------------------------------------------------------------------
     def _fixed_seed(self, index: int) -> int:
-        mixed = (self.seed * 1_000_003 + _SPLIT_OFFSET[self.mode]) * _MIX + index
-        return mixed % (2**63 - 1)
+        return derive_seed(self.seed, _SPLIT_OFFSET[self.mode], index)
 
     def _generator(self, index: int, draw_seed: int | None) -> torch.Generator:
         if draw_seed is not None and self.mode == "train":

@@ -4,7 +4,8 @@
 * :class:`CocoDetectionDataset` — COCO-format data (boxes, masks, keypoints; flips).
 * :func:`coco_evaluate` — COCOeval for boxes, masks and keypoints.
 * :func:`count_detector_flops` — FLOPs per component (the "+<5%" of §6).
-* ``nlnet.detection.task`` — the ``detection`` task of the training engine (imported by it).
+* ``nlnet.detection.task`` — the ``detection`` task of the training engine (it registers itself
+  when imported; ``nlnet train``/``nlnet eval`` import it for ``task: detection`` configs).
 """
 
 from nlnet.detection.data import CocoDetectionDataset, collate_detection

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmenta
 
 from nlnet.detection.data import read_rgb
 from nlnet.detection.synthetic import COCO_SKELETON
+from nlnet.io import atomic_write, atomic_write_text
 
 _PALETTE = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -125,23 +125,10 @@ def draw_detections(
 
 
 def _atomic_png(image: Tensor, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        from PIL import Image
+    from PIL import Image
 
-        Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(fh, format="PNG")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,6 +187,6 @@ def run(args: argparse.Namespace) -> int:
         if "keypoints" in det:
             for r, kp in zip(records, det["keypoints"][keep]):
                 r["keypoints"] = [[round(float(x), 2), round(float(y), 2)] for x, y, _ in kp]
-        _atomic_text(json.dumps(records, indent=1), out / f"{path.stem}.json")
+        atomic_write_text(out / f"{path.stem}.json", json.dumps(records, indent=1))
         print(f"{path}: {len(records)} detection(s) -> {out / (path.stem + '.png')}")
     return 0

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nlnet.block import NonLocalBlock
-from nlnet.flops import attention_flops  # one formula for video and detection blocks
+from nlnet.models.flops import attention_flops  # one formula for video and detection blocks
 
 
 @dataclass

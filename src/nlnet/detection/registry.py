@@ -16,7 +16,6 @@ name                                       what it is                           
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -26,8 +25,9 @@ from torch import nn
 
 from nlnet.detection.models import build_keypointrcnn, build_maskrcnn
 from nlnet.detection.weights import load_backbone_weights, load_detector_weights
+from nlnet.registry import Registry
 
-_DETECTORS: dict[str, Callable[..., nn.Module]] = {}
+DETECTORS: Registry[Callable[..., nn.Module]] = Registry("detector")
 # Default class count per family: COCO's 91 ids (torchvision convention) / person + background.
 _DEFAULT_CLASSES = {"maskrcnn": 91, "keypointrcnn": 2}
 
@@ -36,14 +36,7 @@ def register_detector(
     name: str,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a builder ``fn(num_classes=..., **kwargs) -> nn.Module``."""
-
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _DETECTORS:
-            raise ValueError(f"detector {name!r} is already registered")
-        _DETECTORS[name] = fn
-        return fn
-
-    return wrap
+    return DETECTORS.register(name)
 
 
 for _depth in (50, 101):
@@ -62,7 +55,7 @@ for _depth in (50, 101):
 
 def list_detectors(pattern: str = "*") -> list[str]:
     """Registered detector names matching a shell-style ``pattern``, sorted."""
-    return sorted(n for n in _DETECTORS if fnmatch.fnmatch(n, pattern))
+    return DETECTORS.names(pattern)
 
 
 def default_num_classes(name: str) -> int:
@@ -93,14 +86,12 @@ def create_detector(
             ``num_keypoints``) and torchvision detector arguments (``min_size``, ``max_size``,
             ``box_detections_per_img``, ...).
     """
-    if name not in _DETECTORS:
-        close = fnmatch.filter(_DETECTORS, f"*{name}*") or sorted(_DETECTORS)
-        raise ValueError(f"unknown detector {name!r}; known detectors: {', '.join(close)}")
+    builder = DETECTORS.get(name)
     if num_classes is None:
         num_classes = default_num_classes(name)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2 (with background), got {num_classes!r}")
-    model = _DETECTORS[name](num_classes=num_classes, **kwargs)
+    model = builder(num_classes=num_classes, **kwargs)
     if pretrained_backbone is not None:
         load_backbone_weights(model, pretrained_backbone, model_dir=model_dir)
     if weights is not None:

@@ -26,8 +26,6 @@ COCOeval for boxes, plus masks (Mask R-CNN) or keypoints (keypoint R-CNN), over 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,9 @@ from torch.utils.data import Dataset
 
 from nlnet.detection.data import CocoDetectionDataset, collate_detection
 from nlnet.detection.evaluation import coco_evaluate, detections_to_coco
+from nlnet.engine import distributed as dist
 from nlnet.engine.task import register_task
+from nlnet.io import atomic_write_text
 
 _EXTRA_KEYS = (
     "flip_prob",
@@ -47,43 +47,6 @@ _EXTRA_KEYS = (
     "mask_threshold",
     "keypoint_sigmas",
 )
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (a one-element list without torch.distributed)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _is_main() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class DetectionTask:
@@ -265,9 +228,9 @@ class DetectionTask:
                 results[t] += records[t]
         model.train(was_training)
 
-        gathered = _gather((results, seen))
+        gathered = dist.all_gather_object((results, seen))
         metrics: dict[str, float] = {}
-        if _is_main():
+        if dist.is_main():
             all_results = {t: [r for res, _ in gathered for r in res[t]] for t in self.iou_types}
             all_ids = sorted({i for _, ids in gathered for i in ids})
             metrics, summary = coco_evaluate(
@@ -282,10 +245,10 @@ class DetectionTask:
             if out_dir is not None:
                 out = Path(out_dir)
                 for t in self.iou_types:
-                    atomic_write_text(json.dumps(all_results[t]), out / f"coco_results_{t}.json")
-                atomic_write_text(summary, out / "coco_eval.txt")
-                atomic_write_text(json.dumps(metrics, indent=2), out / "metrics.json")
-        return _broadcast(metrics)
+                    atomic_write_text(out / f"coco_results_{t}.json", json.dumps(all_results[t]))
+                atomic_write_text(out / "coco_eval.txt", summary)
+                atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        return dist.broadcast_object(metrics)
 
 
 @register_task("detection")

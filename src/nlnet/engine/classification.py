@@ -24,9 +24,10 @@ from torch.utils.data import Dataset
 from nlnet import metrics
 from nlnet.config import Config, ConfigError
 from nlnet.engine import distributed as dist
-from nlnet.engine.checkpoint import atomic_write_text, load_model_weights
+from nlnet.engine.checkpoint import load_model_weights
 from nlnet.engine.precise_bn import freeze_bn
 from nlnet.engine.task import register_task
+from nlnet.io import atomic_write_text
 
 UNREADABLE_POLICY = (
     "views with valid=False are not scored; a video without any valid view counts as wrong "
@@ -331,16 +332,16 @@ class ClassificationTask:
             if classes:
                 rec["top5_names"] = [classes[c] for c in rec["top5"] if c < len(classes)]
             lines.append(json.dumps(rec))
-        atomic_write_text("\n".join(lines) + "\n", out_dir / "predictions.jsonl")
+        atomic_write_text(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
         if multi:
             # Charades_v1_classify.m's submission format: id followed by one score per class.
             sub = [
                 vid + " " + " ".join(f"{float(s):.6g}" for s in scores[r])
                 for r, vid in enumerate(ids)
             ]
-            atomic_write_text("\n".join(sub) + "\n", out_dir / "submission.txt")
+            atomic_write_text(out_dir / "submission.txt", "\n".join(sub) + "\n")
         report = dict(result, unreadable_video_ids=unreadable, unreadable_policy=UNREADABLE_POLICY)
-        atomic_write_text(json.dumps(report, indent=2) + "\n", out_dir / "metrics.json")
+        atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
 
 
 @register_task("classification")

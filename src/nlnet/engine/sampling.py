@@ -11,18 +11,14 @@ the same global batch reads.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
 
+from nlnet.seeds import derive_seed
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (a hash: stable across processes, platforms and versions)."""
-    data = struct.pack(f"<{len(parts)}q", *(int(p) & 0x7FFFFFFFFFFFFFFF for p in parts))
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+__all__ = ["ShardSampler", "TrainBatchSampler", "derive_seed"]
 
 
 class TrainBatchSampler(Sampler[list[tuple[int, int]]]):

@@ -6,7 +6,6 @@ task supplies the model, the data and what a training step and an evaluation mea
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,6 +13,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+from nlnet.registry import Registry
 
 
 class Task(Protocol):
@@ -45,35 +46,19 @@ class Task(Protocol):
         ...
 
 
-_TASKS: dict[str, Callable[..., Task]] = {}
+TASKS: Registry[Callable[..., Task]] = Registry("task")
 
 
 def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
-    """Register a task builder ``fn(config) -> Task`` under ``name`` (the config's ``task`` key)."""
+    """Register a task builder ``fn(config) -> Task`` under ``name`` (the config's ``task`` key).
 
-    def wrap(fn: Callable[..., Task]) -> Callable[..., Task]:
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        _TASKS[name] = fn
-        return fn
-
-    return wrap
-
-
-# Tasks that ship with nlnet, imported on first use so the engine does not import detection code
-# (or torchvision's detection models) for a video run.
-_BUILTIN_TASKS: dict[str, str] = {
-    "classification": "nlnet.engine.classification",
-    "detection": "nlnet.detection.task",
-}
+    The engine imports no task package: ``classification`` registers itself with
+    :mod:`nlnet.engine`, ``detection`` when :mod:`nlnet.detection.task` is imported (the ``nlnet
+    train`` / ``nlnet eval`` commands do).
+    """
+    return TASKS.register(name)
 
 
 def build_task(name: str, config: Any) -> Task:
     """Build the task registered as ``name`` ("classification", "detection") from a config."""
-    if name not in _TASKS and name in _BUILTIN_TASKS:
-        importlib.import_module(_BUILTIN_TASKS[name])
-    if name not in _TASKS:
-        raise ValueError(
-            f"unknown task {name!r}; expected one of {', '.join(sorted({*_TASKS, *_BUILTIN_TASKS}))}"
-        )
-    return _TASKS[name](config)
+    return TASKS.get(name)(config)

@@ -1,4 +1,4 @@
-"""``nlnet train CONFIG [key=value ...]``: the training loop of paper §4.1 for any registered task.
+"""The training loop of paper §4.1 for any registered task (``nlnet train`` runs it).
 
 One iteration = one optimiser step over the global batch (processes × micro-batches, see
 ``engine/optim.py``). Every ``train.checkpoint_period`` iterations (and at the end) BN statistics
@@ -12,14 +12,13 @@ equal an uninterrupted run's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nlnet.config import Config, ConfigError, dump_yaml, load_config, to_dict
+from nlnet.config import Config, ConfigError, dump_yaml, to_dict
 from nlnet.engine import distributed as dist
 from nlnet.engine.checkpoint import (
     FORMAT_VERSION,
-    atomic_save,
-    atomic_write_text,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -52,6 +49,7 @@ from nlnet.engine.precise_bn import bn_modules, keep_frozen, update_bn_stats
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.engine.task import Task, build_task
+from nlnet.io import atomic_save, atomic_write_text
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,6 +98,7 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         self.autocast = autocast_factory(cfg, self.device)
         self._stop_signal = 0
+        self._last_good: Path | None = None  # the latest checkpoint written (or found)
         #: The ``early_stop`` record when ``train.stop_at_val_top1`` ended the run, else None.
         self.early_stop: dict[str, Any] | None = None
 
@@ -150,7 +149,7 @@ class Trainer:
         if path is None:
             if dist.is_main():
                 self.out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(dump_yaml(self.cfg), self.out / "config.yaml")
+                atomic_write_text(self.out / "config.yaml", dump_yaml(self.cfg))
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return
         ck = load_checkpoint(path, map_location=self.device)
@@ -196,7 +195,7 @@ class Trainer:
                 continue
             if isinstance(rec, dict) and rec.get("iteration", iteration + 1) <= iteration:
                 keep.append(ln)
-        atomic_write_text("".join(ln + "\n" for ln in keep), f)
+        atomic_write_text(f, "".join(ln + "\n" for ln in keep))
 
     def _loader(self, sampler: Any, workers: int, *, batch: bool) -> DataLoader:
         kw: dict[str, Any] = {
@@ -329,161 +328,33 @@ class Trainer:
             restore_global_flags(self._flags)
 
     def _run(self) -> dict[str, Any]:
+        """The §4.1 loop: one optimiser step per iteration, then logging, precise BN,
+        validation, early stop and checkpoints on their periods; a stop signal checkpoints."""
         self._prepare()
-        cfg, plan = self.cfg, self.plan
-        max_iter = self.schedule.max_iter
-        _log(
-            f"training {cfg.model.name} on {len(self.train_set)} samples: {self.world} process(es) × "
-            f"{plan.batch_size} clips × {plan.accumulation} accumulation = {plan.global_batch} per "
-            f"iteration, base LR {self.schedule.base_lr:g}, {max_iter} iterations, device {self.device}"
-        )
+        self._announce()
         self._open_tensorboard()
         last_eval: dict[str, Any] = {}
-        target = cfg.train.stop_at_val_top1
-        done = self._resumed_stop
-        if done is not None and target is not None and done["video_top1"] >= target:
-            # The checkpoint is the end of a run that stopped early under this same target.
-            self.early_stop = done
-            _log(f"already finished (stopped early at iteration {self.iteration}: {done})")
+        if self._already_finished():
             if self.tb is not None:
                 self.tb.close()
             return last_eval
-        if self.iteration >= max_iter:
-            _log(f"already finished ({self.iteration}/{max_iter} iterations)")
-            if self.tb is not None:
-                self.tb.close()
-            return last_eval
-        sampler = TrainBatchSampler(
-            len(self.train_set),
-            plan.batch_size,
-            seed=cfg.train.seed,
-            start_iter=self.iteration,
-            rank=self.rank,
-            world_size=self.world,
-            accumulation=plan.accumulation,
-        )
-        data = iter(self._loader(sampler, cfg.data.num_workers, batch=True))
+        data = iter(self._loader(self._train_sampler(), self.cfg.data.num_workers, batch=True))
         old_handlers = self._install_signals()
-        bar = None
-        if cfg.train.progress and dist.is_main():
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=max_iter,
-                initial=self.iteration,
-                desc="train",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
+        bar = self._progress_bar()
         self._train_mode()
-        sums: dict[str, float] = {}
-        count = 0
-        t0, it0 = time.perf_counter(), self.iteration
-        last_good = latest_checkpoint(self.out)
+        window = _LogWindow(self.iteration)
+        self._last_good = latest_checkpoint(self.out)
         try:
-            while self.iteration < max_iter:
-                lr = self.schedule.lr_at(self.iteration)
-                set_lr(self.optimizer, lr, cfg.solver.scale_momentum)
-                self.optimizer.zero_grad(set_to_none=True)
-                stop = 0
-                for a in range(plan.accumulation):
-                    batch = next(data)
-                    sync = (
-                        self.train_model.no_sync()
-                        if self.world > 1
-                        and a < plan.accumulation - 1
-                        and hasattr(self.train_model, "no_sync")
-                        else nullcontext()
-                    )
-                    with sync:
-                        with self.autocast():
-                            loss, scalars = self.task.training_step(
-                                self.train_model, batch, self.device
-                            )
-                        flags = torch.tensor(
-                            [
-                                0.0 if torch.isfinite(loss.detach()).item() else 1.0,
-                                float(self._stop_signal),
-                            ]
-                        )
-                        flags = dist.all_reduce_sum(flags)
-                        if flags[0] > 0:
-                            raise NonFiniteLossError(
-                                f"the training loss is {float(loss.detach()):g} at iteration {self.iteration} "
-                                f"(LR {lr:g}); stopping. Last good checkpoint: "
-                                f"{last_good or 'none written yet'}. Lower solver.base_lr, add "
-                                "solver.warmup_iters, or check the data for broken clips."
-                            )
-                        stop = int(flags[1] > 0)
-                        self.scaler.scale(loss / plan.accumulation).backward()
-                    for k, v in scalars.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    count += 1
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            while self.iteration < self.schedule.max_iter:
+                lr = self._step_lr()
+                stop = self._optimizer_step(data, lr, window)
                 self.iteration += 1
-                it = self.iteration
                 if bar is not None:
                     bar.update(1)
-                if it % cfg.train.log_period == 0 or it == max_iter:
-                    keys = sorted(sums)
-                    avg = dist.all_reduce_mean(
-                        torch.tensor([sums[k] / max(count, 1) for k in keys], dtype=torch.float64)
-                    )
-                    rec = {"iteration": it, "split": "train", "lr": lr}
-                    rec.update({k: float(v) for k, v in zip(keys, avg)})
-                    now = time.perf_counter()  # throughput since the previous record
-                    rec["clips_per_s"] = (it - it0) * plan.global_batch / max(now - t0, 1e-9)
-                    t0, it0 = now, it
-                    self._record(rec)
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{rec.get('loss', float('nan')):.4f}",
-                            lr=f"{lr:.3g}",
-                            clips_s=f"{rec['clips_per_s']:.1f}",
-                        )
-                    sums, count = {}, 0
-                do_ckpt = it % cfg.train.checkpoint_period == 0 or it == max_iter
-                do_eval = self.val_set is not None and (
-                    it % cfg.train.eval_period == 0 or it == max_iter
-                )
-                if do_ckpt or do_eval:
-                    self.precise_bn()
-                if do_eval:
-                    last_eval = self.evaluate()
-                    self._record(
-                        {
-                            "iteration": it,
-                            "split": "val",
-                            **{k: v for k, v in last_eval.items() if isinstance(v, int | float)},
-                        }
-                    )
-                    _log(
-                        f"iteration {it}: val "
-                        + ", ".join(
-                            f"{k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float)
-                        )
-                    )
-                reached = do_eval and target is not None and self._reached(last_eval, target)
-                if reached:
-                    self.early_stop = {
-                        "iteration": it,
-                        "split": "early_stop",
-                        "video_top1": float(last_eval["video_top1"]),
-                        "stop_at_val_top1": target,
-                    }
-                if do_ckpt or reached:
-                    last_good = self.save()
-                if reached and self.early_stop is not None:
-                    self._record(self.early_stop)
-                    _log(
-                        f"iteration {it}: val video_top1 {last_eval['video_top1']:.4g} reached "
-                        f"train.stop_at_val_top1={target:g}; checkpoint {last_good}, stopping"
-                    )
+                self._log_train(lr, window, bar)
+                last_eval, finished = self._after_step(last_eval, stop)
+                if finished:
                     break
-                if stop and it < max_iter:
-                    path = last_good if do_ckpt else self.save()
-                    raise Interrupted(self._stop_signal or signal.SIGTERM, it, path)
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -493,47 +364,188 @@ class Trainer:
                 self.tb.close()
         return last_eval
 
+    # -- the steps of one iteration ---------------------------------------------------------
+    def _announce(self) -> None:
+        cfg, plan = self.cfg, self.plan
+        _log(
+            f"training {cfg.model.name} on {len(self.train_set)} samples: {self.world} process(es) × "
+            f"{plan.batch_size} clips × {plan.accumulation} accumulation = {plan.global_batch} per "
+            f"iteration, base LR {self.schedule.base_lr:g}, {self.schedule.max_iter} iterations, "
+            f"device {self.device}"
+        )
 
-# -- command line -----------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML recipe, e.g. configs/kinetics/i3d_r50_nl5_32x2.yaml")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. solver.base_lr=0.005",
-    )
+    def _already_finished(self) -> bool:
+        """A resumed run that already stopped early under this target, or ran all iterations."""
+        target, done = self.cfg.train.stop_at_val_top1, self._resumed_stop
+        if done is not None and target is not None and done["video_top1"] >= target:
+            # The checkpoint is the end of a run that stopped early under this same target.
+            self.early_stop = done
+            _log(f"already finished (stopped early at iteration {self.iteration}: {done})")
+            return True
+        if self.iteration >= self.schedule.max_iter:
+            _log(f"already finished ({self.iteration}/{self.schedule.max_iter} iterations)")
+            return True
+        return False
 
+    def _train_sampler(self) -> TrainBatchSampler:
+        return TrainBatchSampler(
+            len(self.train_set),
+            self.plan.batch_size,
+            seed=self.cfg.train.seed,
+            start_iter=self.iteration,
+            rank=self.rank,
+            world_size=self.world,
+            accumulation=self.plan.accumulation,
+        )
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
-        trainer.run()
-    except ConfigError as e:
-        print(f"nlnet train: config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"nlnet train: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"nlnet train: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        if _launched_rank() == 0:
-            print(
-                f"nlnet train: stopped by signal {e.signum} at iteration {e.iteration}; "
-                f"checkpoint {e.path} written; run the same command again to resume",
-                file=sys.stderr,
+    def _progress_bar(self) -> Any:
+        if not (self.cfg.train.progress and dist.is_main()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.schedule.max_iter,
+            initial=self.iteration,
+            desc="train",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def _step_lr(self) -> float:
+        """The schedule's LR for this iteration (§4.1: steps, warm-up), set on the optimiser."""
+        lr = self.schedule.lr_at(self.iteration)
+        set_lr(self.optimizer, lr, self.cfg.solver.scale_momentum)
+        return lr
+
+    def _optimizer_step(self, data: Any, lr: float, window: _LogWindow) -> bool:
+        """One optimiser step over ``plan.accumulation`` micro-batches; True if a stop signal came.
+
+        Gradients are all-reduced only on the last micro-batch (``no_sync`` before it).
+        """
+        accumulation = self.plan.accumulation
+        self.optimizer.zero_grad(set_to_none=True)
+        stop = False
+        for a in range(accumulation):
+            batch = next(data)
+            sync = (
+                self.train_model.no_sync()
+                if self.world > 1 and a < accumulation - 1 and hasattr(self.train_model, "no_sync")
+                else nullcontext()
             )
-        return 128 + int(e.signum)
-    finally:
-        dist.shutdown()
-    if _launched_rank() == 0:
-        print(f"nlnet train: done; run directory {cfg.train.output_dir}", file=sys.stderr)
-    return 0
+            with sync:
+                with self.autocast():
+                    loss, scalars = self.task.training_step(self.train_model, batch, self.device)
+                stop = self._check_loss_and_signals(loss, lr)
+                self.scaler.scale(loss / accumulation).backward()
+            window.add(scalars)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return stop
+
+    def _check_loss_and_signals(self, loss: torch.Tensor, lr: float) -> bool:
+        """NaN guard and stop signal, agreed by all processes in one all-reduce.
+
+        Raises :class:`NonFiniteLossError` if any process's loss is not finite; returns True if
+        any process received SIGTERM/SIGINT.
+        """
+        flags = torch.tensor(
+            [0.0 if torch.isfinite(loss.detach()).item() else 1.0, float(self._stop_signal)]
+        )
+        flags = dist.all_reduce_sum(flags)
+        if flags[0] > 0:
+            raise NonFiniteLossError(
+                f"the training loss is {float(loss.detach()):g} at iteration {self.iteration} "
+                f"(LR {lr:g}); stopping. Last good checkpoint: "
+                f"{self._last_good or 'none written yet'}. Lower solver.base_lr, add "
+                "solver.warmup_iters, or check the data for broken clips."
+            )
+        return bool(flags[1] > 0)
+
+    def _log_train(self, lr: float, window: _LogWindow, bar: Any) -> None:
+        """Every ``train.log_period`` iterations (and at the end): the averaged training scalars
+        and the throughput since the previous record."""
+        it, max_iter = self.iteration, self.schedule.max_iter
+        if not (it % self.cfg.train.log_period == 0 or it == max_iter):
+            return
+        keys = sorted(window.sums)
+        avg = dist.all_reduce_mean(
+            torch.tensor([window.sums[k] / max(window.count, 1) for k in keys], dtype=torch.float64)
+        )
+        rec = {"iteration": it, "split": "train", "lr": lr}
+        rec.update({k: float(v) for k, v in zip(keys, avg)})
+        rec["clips_per_s"] = window.throughput(it, self.plan.global_batch)
+        self._record(rec)
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{rec.get('loss', float('nan')):.4f}",
+                lr=f"{lr:.3g}",
+                clips_s=f"{rec['clips_per_s']:.1f}",
+            )
+
+    def _validate(self) -> dict[str, Any]:
+        """Score the validation set, record and print the result."""
+        it = self.iteration
+        result = self.evaluate()
+        numbers = {k: v for k, v in result.items() if isinstance(v, int | float)}
+        self._record({"iteration": it, "split": "val", **numbers})
+        floats = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
+        _log(f"iteration {it}: val {floats}")
+        return result
+
+    def _after_step(self, last_eval: dict[str, Any], stop: bool) -> tuple[dict[str, Any], bool]:
+        """Precise BN, validation, early stop, checkpoint and stop signal after an iteration.
+
+        Returns the latest validation result and whether the run ends here (early stop); a stop
+        signal raises :class:`Interrupted` after writing a checkpoint.
+        """
+        cfg, it, max_iter = self.cfg, self.iteration, self.schedule.max_iter
+        target = cfg.train.stop_at_val_top1
+        do_ckpt = it % cfg.train.checkpoint_period == 0 or it == max_iter
+        do_eval = self.val_set is not None and (it % cfg.train.eval_period == 0 or it == max_iter)
+        if do_ckpt or do_eval:
+            self.precise_bn()
+        if do_eval:
+            last_eval = self._validate()
+        reached = do_eval and target is not None and self._reached(last_eval, target)
+        if reached:
+            self.early_stop = {
+                "iteration": it,
+                "split": "early_stop",
+                "video_top1": float(last_eval["video_top1"]),
+                "stop_at_val_top1": target,
+            }
+        if do_ckpt or reached:
+            self._last_good = self.save()
+        if reached and self.early_stop is not None:
+            self._record(self.early_stop)
+            _log(
+                f"iteration {it}: val video_top1 {last_eval['video_top1']:.4g} reached "
+                f"train.stop_at_val_top1={target:g}; checkpoint {self._last_good}, stopping"
+            )
+            return last_eval, True
+        if stop and it < max_iter:
+            path = self._last_good if do_ckpt else self.save()
+            raise Interrupted(self._stop_signal or signal.SIGTERM, it, path)
+        return last_eval, False
 
 
-def _launched_rank() -> int:
-    # After the process group is gone, torchrun's RANK still says who we were.
-    return int(os.environ.get("RANK", "0"))
+@dataclass
+class _LogWindow:
+    """Training scalars summed, and the clock, since the previous training log record."""
+
+    iteration: int
+    start: float = field(default_factory=time.perf_counter)
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, scalars: dict[str, float]) -> None:
+        for k, v in scalars.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def throughput(self, iteration: int, global_batch: int) -> float:
+        """Clips per second since the window opened; then open a new window at ``iteration``."""
+        now = time.perf_counter()
+        rate = (iteration - self.iteration) * global_batch / max(now - self.start, 1e-9)
+        self.iteration, self.start, self.sums, self.count = iteration, now, {}, 0
+        return rate

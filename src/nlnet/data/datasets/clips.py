@@ -1,6 +1,7 @@
-"""Video clip datasets: Kinetics (§4.1–4.2), Charades (§4.3) and a folder-per-class dataset.
+"""The clip dataset every video data set is built on (§4.1–4.2): decoding, sampling, views.
 
-All follow the item contract of :mod:`nlnet.data.registry`.  Modes:
+The per-dataset file discovery lives beside it (:mod:`.kinetics`, :mod:`.charades`,
+:mod:`.folder`).  All follow the item contract of :mod:`nlnet.data.registry`.  Modes:
 
 * ``"train"``: one clip per video, random start (wrapping for short videos), scale jitter,
   random crop and flip (§4.1).  A video that fails to decode is logged, counted in
@@ -24,29 +25,25 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nlnet.data import annotations as ann
-from nlnet.data.registry import register_dataset
 from nlnet.data.sampling import clip_indices, evenly_spaced_clip_start, train_clip_start
 from nlnet.data.transforms import eval_transform, mean_std, num_eval_views, train_transform
 from nlnet.data.video import (
     FRAME_EXTENSIONS,
-    VIDEO_EXTENSIONS,
     VideoDecodeError,
     VideoInfo,
     decode_frames,
     probe_video,
 )
+from nlnet.io import atomic_write_text
 
 log = logging.getLogger("nlnet.data")
 
@@ -61,20 +58,6 @@ class VideoRecord:
     path: str
     labels: tuple[int, ...] = ()
     actions: tuple[tuple[int, float, float], ...] = ()
-
-
-def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _is_clip_source(path: str) -> bool:
@@ -190,7 +173,7 @@ class VideoClipDataset(Dataset):
                 self.missing_paths[0],
             )
         if missing_report is not None:
-            _write_atomic(
+            atomic_write_text(
                 missing_report,
                 "".join(f"{i}\t{p}\n" for i, p in zip(self.missing, self.missing_paths)),
             )
@@ -380,256 +363,9 @@ class VideoClipDataset(Dataset):
         }
 
 
-# -- file discovery ------------------------------------------------------------------------------
-
-
-def _index_files(root: str, depth: int = 2) -> dict[tuple[str, str], str]:
-    """``(directory relative to root, file stem) -> path`` for videos up to ``depth`` levels."""
-    found: dict[tuple[str, str], str] = {}
-    root = os.path.abspath(root)
-
-    def scan(d: str, rel: str, level: int) -> None:
-        try:
-            entries = list(os.scandir(d))
-        except OSError:
-            return
-        for e in entries:
-            if e.is_dir():
-                if level < depth:
-                    scan(e.path, os.path.join(rel, e.name) if rel else e.name, level + 1)
-                # A frame folder stands for a video too.
-                found.setdefault((rel, e.name), e.path)
-            elif e.name.lower().endswith(VIDEO_EXTENSIONS):
-                found.setdefault((rel, os.path.splitext(e.name)[0]), e.path)
-
-    scan(root, "", 1)
-    return found
-
-
-def _resolve(root: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(root, path)
-
-
-def _records_from_list(
-    root: str, list_file: str, classes: Sequence[str] | None
-) -> tuple[list[VideoRecord], list[str]]:
-    rows = ann.read_list_file(list_file)
-    records = [VideoRecord(p, _resolve(root, p), tuple(labels)) for p, labels in rows]
-    if classes is None:
-        # Name classes after the folders their videos sit in when that is unambiguous
-        # (the original lists: <class_with_underscores>/<youtube_id>.mp4).
-        n = max(c for r in records for c in r.labels) + 1
-        names: dict[int, set[str]] = {}
-        for r in records:
-            if len(r.labels) == 1:
-                names.setdefault(r.labels[0], set()).add(Path(r.path).parent.name)
-        if len(names) == n and all(len(v) == 1 for v in names.values()):
-            classes = [next(iter(names[i])) for i in range(n)]
-        else:
-            classes = [str(i) for i in range(n)]
-    return records, list(classes)
-
-
-def _common(kwargs: dict[str, Any]) -> dict[str, Any]:
+def dataset_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Builder keyword arguments for :class:`VideoClipDataset` (``jitter`` as a tuple)."""
     kwargs = dict(kwargs)
     if "jitter" in kwargs and kwargs["jitter"] is not None:
         kwargs["jitter"] = tuple(kwargs["jitter"])
     return kwargs
-
-
-# -- the registered datasets -------------------------------------------------------------------
-
-
-@register_dataset("kinetics")
-def kinetics(
-    root: str | os.PathLike[str],
-    annotations: str | os.PathLike[str] | None = None,
-    *,
-    classes: Sequence[str] | None = None,
-    split: str | None = None,
-    **kwargs: Any,
-) -> VideoClipDataset:
-    """Kinetics-400/600/700 (§4.1, §6.1).
-
-    ``annotations`` is the official CSV (videos found under ``root`` with the crawler's naming
-    ``<label>/<youtube_id>_<start:06d>_<end:06d>.mp4`` or the original code's
-    ``<label_with_underscores>/<youtube_id>.mp4``, any video extension; test-CSV videos, which
-    have no label, directly under ``root``) or a list file ``<path> <label>`` (paths relative to
-    ``root``).  Without annotations, ``root`` is read as one folder per class.  ``split`` keeps
-    only CSV rows of that split.  Classes are the labels in alphabetical order (or ``classes``).
-    """
-    root = os.fspath(root)
-    if annotations is None:
-        return folder(root, classes=classes, **kwargs)
-    annotations = os.fspath(annotations)
-    if not ann.is_kinetics_csv(annotations):
-        records, names = _records_from_list(root, annotations, classes)
-        return VideoClipDataset(records, names, **_common(kwargs))
-    rows = ann.read_kinetics_csv(annotations)
-    if split is not None:
-        rows = [r for r in rows if r.split == split]
-    labelled = [r for r in rows if r.label is not None]
-    if classes is None:
-        classes = sorted({r.label for r in labelled if r.label is not None})
-    class_index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({r.label for r in labelled if r.label not in class_index})
-    if unknown:
-        raise ValueError(f"{annotations}: labels {unknown[:5]} are not among the given classes")
-    files = _index_files(root)
-    records = []
-    for r in rows:
-        trimmed = f"{r.youtube_id}_{r.time_start:06d}_{r.time_end:06d}"
-        dirs = [""] if r.label is None else [r.label, r.label.replace(" ", "_"), ""]
-        path = None
-        for d in dirs:
-            for stem in (trimmed, r.youtube_id):
-                path = files.get((d, stem))
-                if path:
-                    break
-            if path:
-                break
-        if path is None:  # reported missing: the crawler's expected location
-            path = os.path.join(root, dirs[0], trimmed + ".mp4")
-        labels = () if r.label is None else (class_index[r.label],)
-        records.append(VideoRecord(r.youtube_id, path, labels))
-    return VideoClipDataset(records, classes, **_common(kwargs))
-
-
-@register_dataset("folder")
-def folder(
-    root: str | os.PathLike[str],
-    annotations: str | os.PathLike[str] | None = None,
-    *,
-    classes: Sequence[str] | None = None,
-    frame_rate: float = 30.0,
-    **kwargs: Any,
-) -> VideoClipDataset:
-    """Your own videos: ``root/<class>/<video file or frame folder>``, classes in sorted order.
-
-    With ``annotations`` (a list file ``<path> <label>``) the list decides instead.  Frame
-    folders are read at ``frame_rate``.
-    """
-    root = os.fspath(root)
-    if annotations is not None:
-        records, names = _records_from_list(root, os.fspath(annotations), classes)
-        return VideoClipDataset(records, names, frame_rate=frame_rate, **_common(kwargs))
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset root {root!r} is not a directory")
-    dirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if classes is None:
-        classes = dirs
-    class_index = {c: i for i, c in enumerate(classes)}
-    records = []
-    for d in dirs:
-        if d not in class_index:
-            raise ValueError(f"folder {d!r} under {root} is not one of the given classes")
-        for e in sorted(os.scandir(os.path.join(root, d)), key=lambda e: e.name):
-            if e.name.lower().endswith(VIDEO_EXTENSIONS) or e.is_dir():
-                records.append(VideoRecord(f"{d}/{e.name}", e.path, (class_index[d],)))
-    if not records:
-        raise FileNotFoundError(
-            f"no videos under {root}: expected <class>/<video{'|'.join(VIDEO_EXTENSIONS)}> "
-            "or <class>/<frame folder>"
-        )
-    return VideoClipDataset(records, classes, frame_rate=frame_rate, **_common(kwargs))
-
-
-class CharadesDataset(VideoClipDataset):
-    """Charades v1 (§4.3, §6.2): 157 classes, multi-label targets.
-
-    ``labels="clip"`` (training default): the actions whose time interval overlaps the clip's;
-    ``labels="video"`` (test default, as the official metric is per video): every action of the
-    video.
-    """
-
-    def __init__(self, records, classes, *, labels: str | None = None, **kwargs: Any) -> None:
-        super().__init__(records, classes, multi_label=True, **kwargs)
-        if labels is None:
-            labels = "video" if self.mode == "test" else "clip"
-        if labels not in ("clip", "video"):
-            raise ValueError(f"labels must be 'clip' or 'video', got {labels!r}")
-        self.labels = labels
-
-    def clip_intervals(self, info: VideoInfo, idx: list[int]) -> list[tuple[float, float]]:
-        """Time intervals (s) a clip covers: one per run of increasing frames (wrap splits)."""
-        step = 1.0 / (self.target_fps or info.fps or self.frame_rate)
-        runs: list[list[int]] = [[idx[0]]]
-        for j in idx[1:]:
-            if j < runs[-1][-1]:
-                runs.append([j])
-            else:
-                runs[-1].append(j)
-        return [
-            (
-                info.frame_time(r[0], self.target_fps),
-                info.frame_time(r[-1], self.target_fps) + step,
-            )
-            for r in runs
-        ]
-
-    def target(self, record: VideoRecord, info: VideoInfo | None, idx: list[int] | None):
-        t = torch.zeros(self.num_classes, dtype=torch.float32)
-        if self.labels == "video" or info is None or idx is None:
-            for c, _, _ in record.actions:
-                t[c] = 1.0
-            return t
-        for lo, hi in self.clip_intervals(info, idx):
-            for c, s, e in record.actions:
-                if s < hi and e > lo:
-                    t[c] = 1.0
-        return t
-
-
-@register_dataset("charades")
-def charades(
-    root: str | os.PathLike[str],
-    annotations: str | os.PathLike[str],
-    *,
-    classes: Sequence[str] | None = None,
-    classes_file: str | os.PathLike[str] | None = None,
-    labels: str | None = None,
-    frames: bool | None = None,
-    resize_to: int | None = 288,
-    test_scale: int = 320,
-    frame_rate: float = 24.0,
-    **kwargs: Any,
-) -> CharadesDataset:
-    """Charades v1 from ``Charades_v1_{train,test}.csv`` (§6.2).
-
-    ``root`` holds either the JPEG frame folders (``<id>/<id>-000000.jpg``, 24 fps) or the
-    videos (``<id>.mp4``); ``frames=None`` picks whichever exists per video.  Class names come
-    from ``classes``, ``classes_file`` or a ``Charades_v1_classes.txt`` next to the CSV
-    (else ``c000``…).  Defaults follow §4.3: training crops rescaled to 288, test scale 320.
-    """
-    root = os.fspath(root)
-    annotations = os.fspath(annotations)
-    rows = ann.read_charades_csv(annotations)
-    if classes is None:
-        if classes_file is None:
-            guess = Path(annotations).with_name("Charades_v1_classes.txt")
-            classes_file = guess if guess.exists() else None
-        if classes_file is not None:
-            classes = ann.read_charades_classes(classes_file)
-        else:
-            classes = [f"c{i:03d}" for i in range(ann.CHARADES_NUM_CLASSES)]
-    records = []
-    for r in rows:
-        folder_path = os.path.join(root, r.id)
-        path = folder_path
-        if frames is not True and not (frames is None and os.path.isdir(folder_path)):
-            path = os.path.join(root, r.id + ".mp4")
-            for ext in VIDEO_EXTENSIONS:
-                if os.path.exists(os.path.join(root, r.id + ext)):
-                    path = os.path.join(root, r.id + ext)
-                    break
-        labels_ = tuple(sorted({c for c, _, _ in r.actions}))
-        records.append(VideoRecord(r.id, path, labels_, r.actions))
-    return CharadesDataset(
-        records,
-        classes,
-        labels=labels,
-        resize_to=resize_to,
-        test_scale=test_scale,
-        frame_rate=frame_rate,
-        **_common(kwargs),
-    )

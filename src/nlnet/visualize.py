@@ -1,5 +1,8 @@
 """``nlnet visualize``: draw where a trained model's non-local block looks (paper Figure 3).
 
+The command layer: it loads the model with the engine and the clip with :mod:`nlnet.data`, and
+draws with :mod:`nlnet.viz.attention` (which imports neither).
+
     nlnet visualize --config CFG --checkpoint CK [--sample N | --video FILE] [--block NAME]
                     [--queries T,Y,X ...] [--top-k 20] [--mode arrows|heatmap] --out PNG
 
@@ -19,14 +22,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-# Normalisations of nlnet.data (mean, std on RGB in [0, 1]) used when the data set is unknown.
-NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "original": ((114.75 / 255,) * 3, (57.375 / 255,) * 3),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+from nlnet.config import ConfigError, load_config
+from nlnet.data.sampling import clip_indices
+from nlnet.data.transforms import center_crop_box, mean_std, resized_crop, short_side_size
+from nlnet.data.video import VideoDecodeError, decode_frames, probe_video
+from nlnet.engine.evaluate import load_for_eval
+from nlnet.engine.task import build_task
+from nlnet.tasks import ensure_task
+from nlnet.viz.attention import (
+    attention_arrows,
+    capture_attention,
+    draw_attention_arrows,
+    draw_attention_heatmap,
+    nonlocal_blocks,
+    pick_queries,
+)
 
 
 def parse_query(text: str) -> tuple[int, float, float]:
@@ -43,59 +55,35 @@ def parse_query(text: str) -> tuple[int, float, float]:
 
 
 def _mean_std(dataset: Any, normalization: str) -> tuple[Tensor, Tensor]:
+    """The data set's normalisation (else the config's), per channel, in 0..255 units."""
     mean = getattr(dataset, "mean", None)
     std = getattr(dataset, "std", None)
     if mean is None or std is None:
-        mean, std = NORMALIZATIONS.get(normalization, NORMALIZATIONS["original"])
+        mean, std = mean_std(normalization)
     m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
     s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-    if m.max() > 1.5:  # given in 0..255 units
-        m, s = m / 255, s / 255
+    if m.max() <= 1.5:  # given for pixels in [0, 1]
+        m, s = m * 255, s * 255
     return m.reshape(-1, 1, 1, 1), s.reshape(-1, 1, 1, 1)
 
 
-def display_frames(clip: Tensor, mean: Tensor | None, std: Tensor | None) -> np.ndarray:
+def display_frames(clip: Tensor, mean: Tensor, std: Tensor) -> np.ndarray:
     """(C, T, H, W) network input → (T, H, W, 3) floats in [0, 1] for drawing."""
-    x = clip.detach().float().cpu()
-    if mean is not None and std is not None:
-        x = x * std + mean
-    else:  # unknown normalisation: stretch the clip to [0, 1]
-        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+    x = (clip.detach().float().cpu() * std + mean) / 255
     return x.clamp(0, 1).permute(1, 2, 3, 0).numpy()
 
 
 def load_video_clip(path: str | Path, clip_length: int, sampling_rate: int, size: int) -> Tensor:
-    """The first ``clip_length`` frames every ``sampling_rate`` of a video as (3, T, S, S) in
-    [0, 1]: shorter side scaled to ``size``, centre crop (the engine's test-time geometry)."""
-    import av
-
-    path = Path(path)
-    if not path.is_file():
+    """The first clip of a video (``clip_length`` frames every ``sampling_rate``, looping) as
+    (3, T, S, S) floats in [0, 255]: shorter side scaled to ``size``, centre crop (the data
+    sets' test-time geometry, :mod:`nlnet.data.transforms`)."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"video not found: {path}")
-    need = (clip_length - 1) * sampling_rate + 1
-    frames = []
-    try:
-        with av.open(str(path)) as container:
-            for i, frame in enumerate(container.decode(video=0)):
-                if i % sampling_rate == 0:
-                    frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
-                if i + 1 >= need:
-                    break
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot decode {path}: {e}") from None
-    if not frames:
-        raise ValueError(f"{path} has no video frames")
-    while len(frames) < clip_length:  # a short video loops, as the data sets do
-        frames.append(frames[len(frames) % max(1, len(frames))])
-    x = torch.stack(frames[:clip_length]).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
-    h, w = x.shape[2:]
-    scale = size / min(h, w)
-    x = F.interpolate(
-        x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bilinear",
-        antialias=True, align_corners=False,
-    )  # fmt: skip
-    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
-    return x[:, :, top : top + size, left : left + size].permute(1, 0, 2, 3).clamp(0, 1)
+    info = probe_video(path)
+    frames = decode_frames(info, clip_indices(0, info.num_frames, clip_length, sampling_rate))
+    h, w = short_side_size(frames.shape[1], frames.shape[2], size)
+    top, left = center_crop_box(h, w, size)
+    return resized_crop(frames, (h, w), top, left, size, size)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,20 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nlnet.config import ConfigError, load_config
-    from nlnet.engine.evaluate import load_for_eval
-    from nlnet.engine.task import build_task
-    from nlnet.viz.attention import (
-        attention_arrows,
-        capture_attention,
-        draw_attention_arrows,
-        draw_attention_heatmap,
-        nonlocal_blocks,
-        pick_queries,
-    )
-
     try:
         cfg = load_config(args.config, args.overrides)
+        ensure_task(cfg.task)
         task = build_task(cfg.task, cfg)
         model = task.build_model()
         blocks = list(nonlocal_blocks(model))
@@ -191,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                 frames, cap.weights, grid, queries, args.out, shown_frames=args.frames,
                 scale=args.scale,
             )  # fmt: skip
-    except (ConfigError, FileNotFoundError, ValueError, IndexError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, IndexError, VideoDecodeError) as e:
         print(f"nlnet visualize: {e}", file=sys.stderr)
         return 2
     probs = torch.softmax(cap.output.float(), dim=1)[0]
