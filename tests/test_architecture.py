@@ -2,7 +2,7 @@
 
 Layers (docs/design): ``ops`` ← ``block`` ← ``models`` ← ``engine`` / ``detection`` ← command
 line; ``data``, ``metrics``, ``viz`` and ``config`` depend on nothing above them.  Shared helpers
-(``nlnet.io``, ``nlnet.registry``, ``nlnet.seeds``) sit below everything.  Two checks:
+(``nlnet.io``, ``nlnet.registry``, ``nlnet.seeds``, ``nlnet.classes``) sit below everything.  Two checks:
 
 * each package is imported alone in a fresh interpreter and ``sys.modules`` must hold nothing from
   a layer above it (what really runs, lazy imports excluded);
@@ -27,6 +27,7 @@ LAYERS: dict[str, str] = {
     "nlnet.io": "util",
     "nlnet.registry": "util",
     "nlnet.seeds": "util",
+    "nlnet.classes": "util",
     "nlnet.ops": "ops",
     "nlnet.geometry": "block",
     "nlnet.block": "block",

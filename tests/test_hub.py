@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from nlnet.data.classes import charades157, kinetics400
+from nlnet.classes import charades157, kinetics400
 from nlnet.models import create_model, hub, list_models, register_model
 from nlnet.models.convert import CONVERTERS, FORMATS
 from nlnet.models.resnet import VideoResNet

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from nlnet import create_model
+from nlnet.classes import kinetics400
 from nlnet.cli import main
-from nlnet.data.classes import kinetics400
 from nlnet.data.transforms import eval_transform
 from nlnet.data.video import VideoDecodeError, decode_frames, probe_video
 from nlnet.models import VideoResNet

@@ -495,7 +495,7 @@ def class_names(cfg: Mapping[str, Any], num_classes: int) -> list[str]:
     if classes and len(classes) == num_classes:
         return [str(c) for c in classes]
     if num_classes == 400:
-        from nlnet.data.classes import kinetics400
+        from nlnet.classes import kinetics400
 
         return kinetics400()
     return [str(i) for i in range(num_classes)]

@@ -170,14 +170,14 @@ class WeightsEntry:
         if self.classes is None:
             return None
         if isinstance(self.classes, str):
-            from nlnet.data import classes as class_lists
+            from nlnet import classes as class_lists
 
             try:
                 return list(getattr(class_lists, self.classes)())
             except AttributeError:
                 raise ValueError(
                     f"{self.name}: unknown class list {self.classes!r}; expected a function of "
-                    "nlnet.data.classes (kinetics400, charades157)"
+                    "nlnet.classes (kinetics400, charades157)"
                 ) from None
         return list(self.classes)
 
