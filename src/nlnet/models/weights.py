@@ -41,6 +41,7 @@ __all__ = [
     "RestrictedUnpickler",
     "UnsafeCheckpointError",
     "WeightsMismatchError",
+    "check_weights_settings",
     "inflate_weight",
     "load_weights",
     "read_pickle",
@@ -141,6 +142,39 @@ def _describe(source: Any) -> str:
     return "(a state dict)" if isinstance(source, Mapping) else repr(os.fspath(source))
 
 
+def _check(
+    model: nn.Module,
+    checkpoint: Mapping[str, Any],
+    raw: Mapping[str, Any],
+    state: Mapping[str, Any],
+    fmt: str,
+    source: str,
+) -> None:
+    model_settings = getattr(model, "settings", None)
+    if not isinstance(model_settings, Mapping):
+        return
+    wanted, why = weights_settings(checkpoint, raw, state, fmt)
+    _settings.check_settings(
+        model_settings,
+        wanted,
+        source=source,
+        model_has_nonlocal=bool(nonlocal_blocks(model)),
+        weights_have_nonlocal=has_nonlocal(state),
+        why=why,
+    )
+
+
+def check_weights_settings(
+    model: nn.Module, source: str | os.PathLike[str] | Mapping[str, Any]
+) -> None:
+    """Raise :class:`~nlnet.models.settings.WeightsMismatchError` when the weights of ``source``
+    (a path or a checkpoint dict) were made for other settings than ``model.settings``."""
+    checkpoint = read_checkpoint(source)
+    raw = unwrap_state_dict(checkpoint)
+    state, fmt, _ = to_nlnet_names(raw)
+    _check(model, checkpoint, raw, state, fmt, _describe(source))
+
+
 def load_weights(
     model: nn.Module,
     source: str | os.PathLike[str] | Mapping[str, Any],
@@ -167,17 +201,8 @@ def load_weights(
     checkpoint = read_checkpoint(source)
     raw = unwrap_state_dict(checkpoint)
     state, fmt, ignored = to_nlnet_names(raw)
-    model_settings = getattr(model, "settings", None)
-    if check_settings and isinstance(model_settings, Mapping):
-        wanted, why = weights_settings(checkpoint, raw, state, fmt)
-        _settings.check_settings(
-            model_settings,
-            wanted,
-            source=_describe(source),
-            model_has_nonlocal=bool(nonlocal_blocks(model)),
-            weights_have_nonlocal=has_nonlocal(state),
-            why=why,
-        )
+    if check_settings:
+        _check(model, checkpoint, raw, state, fmt, _describe(source))
     report = LoadReport(source_format=fmt, ignored=ignored)
     used: set[str] = set()
     target = model.state_dict()
