@@ -102,6 +102,7 @@ def create_model(
         raise ValueError("pass weights= (exact weights) or pretrained= (initialisation), not both")
     meta: dict[str, Any] | None = None
     checkpoint: dict[str, Any] | None = None
+    explicit_classes = num_classes is not None
     source = weights if weights is not None else pretrained
     if weights is not None:
         resolved = resolve_weights_spec(weights)
@@ -110,19 +111,25 @@ def create_model(
         if meta is None:
             if name is None:
                 raise ValueError(
-                    f"the weights {weights!r} do not name their model (not a self-describing "
-                    "nlnet file): pass the model name, e.g. create_model('i3d_r50_nl5', "
-                    "weights=...), or convert them with nlnet convert"
+                    f"the weights {_label(weights)} do not name their model (not a "
+                    "self-describing nlnet file): pass the model name, e.g. "
+                    "create_model('i3d_r50_nl5', weights=...), or convert them with nlnet convert"
                 )
+            if num_classes is None:
+                from nlnet.models.io import unwrap_state_dict
+                from nlnet.models.layouts import to_nlnet_names
+
+                fc = to_nlnet_names(unwrap_state_dict(checkpoint))[0].get("head.fc.weight")
+                num_classes = None if fc is None else int(fc.shape[0])
         else:
             arch = meta.get("arch")
             if name is None:
                 if not arch:
-                    raise ValueError(f"the weights {weights!r} do not name their arch; pass name")
+                    raise ValueError(f"the weights {_label(weights)} do not name their arch")
                 name = arch
             elif arch and arch != name:
                 raise _settings.WeightsMismatchError(
-                    f"the weights {weights!r} are for arch {arch!r}, not {name!r}: call "
+                    f"the weights {_label(weights)} are for arch {arch!r}, not {name!r}: call "
                     f"create_model({arch!r}, weights=...) or create_model(weights=...)",
                     [("arch", (arch,), name)],
                 )
@@ -135,7 +142,7 @@ def create_model(
                     diffs.append((key, (stored[key],), value))
             if diffs:
                 raise _settings.WeightsMismatchError(
-                    f"create_model(weights={weights!r}): these keywords contradict the file:\n"
+                    f"create_model(weights={_label(weights)}): these keywords contradict the file:\n"
                     + "\n".join(
                         f"  {k}: the file has {want[0]!r}, you passed {have!r} -> drop the "
                         f"keyword (the file's value is used)"
@@ -154,9 +161,10 @@ def create_model(
     if weights is not None:
         assert checkpoint is not None
         report = load_weights(model, checkpoint, strict=False)
-        head_only = all(n.startswith("head.") for n, _, _ in report.mismatched)
-        if report.missing or report.unexpected or report.nonlocal_identity or not head_only:
-            raise ValueError(f"the weights {weights!r} do not fill {name} exactly:\n{report}")
+        head_only = explicit_classes and all(n.startswith("head.") for n, _, _ in report.mismatched)
+        bad_shapes = bool(report.mismatched) and not head_only
+        if report.missing or report.unexpected or report.nonlocal_identity or bad_shapes:
+            raise ValueError(f"the weights {_label(weights)} do not fill {name} exactly:\n{report}")
         if report.mismatched:
             report.notes.append(
                 f"num_classes={num_classes} differs from the file's: the classifier keeps its init"
@@ -181,3 +189,7 @@ def create_model(
 
 def _source_name(source: Any) -> str | None:
     return None if source is None or isinstance(source, Mapping) else os.fspath(source)
+
+
+def _label(weights: Any) -> str:
+    return "(a dict)" if isinstance(weights, Mapping) else repr(os.fspath(weights))
