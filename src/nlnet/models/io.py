@@ -120,13 +120,11 @@ def fetch(
     url: str, *, model_dir: str | os.PathLike[str] | None = None, progress: bool = True
 ) -> Path:
     """Download ``url`` once into torch hub's cache (``$TORCH_HOME/hub/checkpoints``) and return
-    the local path (``file://`` URLs are returned as paths). The download goes to a temporary
+    the local path (``file://`` URLs are copied there too). The download goes to a temporary
     file first (``torch.hub.download_url_to_file``), so an interrupted one leaves nothing."""
-    from urllib.parse import unquote, urlparse
+    from urllib.parse import urlparse
 
     parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
     cache = Path(model_dir) if model_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
     cache.mkdir(parents=True, exist_ok=True)
     dst = cache / os.path.basename(parsed.path)
