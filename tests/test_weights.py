@@ -358,3 +358,25 @@ def test_frozen_bn_keeps_the_nonlocal_bn_trainable() -> None:
     for name in ("theta.weight", "phi.weight", "g.weight", "out.weight", "bn.weight"):
         assert grads[name] is not None and bool(torch.isfinite(grads[name]).all()), name
         assert float(grads[name].abs().sum()) > 0, name
+
+
+def test_a_weights_name_goes_to_the_hub_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nlnet.models.hub", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"nlnet\.models\.hub"):
+        create_model(weights="i3d_r50_nl5.orig_32x2_k400")
+    with pytest.raises(FileNotFoundError):
+        create_model(weights="some/dir/missing.pth")
+
+
+def test_every_registered_model_is_a_visible_function() -> None:
+    import inspect
+
+    from nlnet.models import zoo
+
+    text = inspect.getsource(zoo)
+    names = [n for n in nlnet.list_models() if not n.startswith("demo_")]
+    assert len(names) == 16
+    for name in names:
+        assert f"\ndef {name}(" in text and getattr(zoo, name).__name__ == name

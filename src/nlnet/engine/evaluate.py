@@ -76,8 +76,8 @@ def _evaluate(
     if cfg.model.num_classes is None:  # the test set gives the number of classes
         task.build_dataset(split)
     model = task.build_model()  # before the data otherwise: a bad model keyword fails at once
+    report = load_for_eval(model, checkpoint)  # so do weights made for other settings
     dataset = task.build_dataset(split)
-    report = load_for_eval(model, checkpoint)
     if dist.is_main() and (report.get("missing") or report.get("mismatched")):
         print(
             f"nlnet eval: WARNING: {len(report.get('missing', []))} model tensors missing from "
