@@ -51,7 +51,10 @@ from nlnet.models.layouts import (
     slowfast_config,
     to_nlnet_names,
 )
+from nlnet.models.registry import create_model
 from nlnet.models.settings import WeightsMismatchError
+from nlnet.models.weights import load_weights
+from nlnet.models.zoo import DEPTHS, nonlocal_placement
 
 __all__ = [
     "CONVERTERS",
@@ -115,8 +118,6 @@ def infer_arch(state: Mapping[str, Tensor]) -> tuple[str | None, dict[str, Any]]
     C2D vs I3D from conv1's temporal kernel (1 vs 5); depth from the number of res4 blocks
     (6: R50, 23: R101); 0/1/5/10 NL blocks from the ``res{s}.nonlocal{i}`` keys.
     """
-    from nlnet.models.zoo import DEPTHS, nonlocal_placement
-
     stem = state.get("stem.conv.weight")
     if stem is None or stem.dim() not in (4, 5):
         return None, {}
@@ -319,9 +320,6 @@ def convert_checkpoint(
     self-describing file of ``docs/models.md`` (written atomically). Returns the conversion,
     the load report and the loaded model.
     """
-    from nlnet.models.registry import create_model
-    from nlnet.models.weights import load_weights
-
     checkpoint = read_checkpoint(src)
     if fmt == "auto":
         fmt = detect_format(unwrap_state_dict(checkpoint))

@@ -15,6 +15,10 @@ from typing import Any
 
 from torch import nn
 
+from nlnet.models import settings as _settings
+from nlnet.models.io import checkpoint_metadata, is_url, read_checkpoint, unwrap_state_dict
+from nlnet.models.layouts import to_nlnet_names
+from nlnet.models.weights import load_weights
 from nlnet.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -46,8 +50,6 @@ def _import_builders() -> None:
 def resolve_weights_spec(spec: Any) -> Any:
     """A mapping, an existing file, or a URL stays as it is; any other string is a released-
     weights name resolved by :func:`nlnet.models.hub.resolve_weights` to a local file."""
-    from nlnet.models.io import is_url
-
     if isinstance(spec, Mapping):
         return spec
     text = os.fspath(spec)
@@ -94,10 +96,6 @@ def create_model(
     The model gets ``model.pretrained_cfg``: arch, model_kwargs, num_classes, classes,
     preprocessing, source (``None`` when unknown).
     """
-    from nlnet.models import settings as _settings
-    from nlnet.models.io import checkpoint_metadata, read_checkpoint
-    from nlnet.models.weights import load_weights
-
     if weights is not None and pretrained is not None:
         raise ValueError("pass weights= (exact weights) or pretrained= (initialisation), not both")
     meta: dict[str, Any] | None = None
@@ -116,9 +114,6 @@ def create_model(
                     "create_model('i3d_r50_nl5', weights=...), or convert them with nlnet convert"
                 )
             if num_classes is None:
-                from nlnet.models.io import unwrap_state_dict
-                from nlnet.models.layouts import to_nlnet_names
-
                 fc = to_nlnet_names(unwrap_state_dict(checkpoint))[0].get("head.fc.weight")
                 num_classes = None if fc is None else int(fc.shape[0])
         else:
@@ -156,7 +151,10 @@ def create_model(
     if name is None:
         raise ValueError("create_model needs a model name (or weights that name their arch)")
     builder = get_model_builder(name)
+    if pretrained is not None:  # the builder loads it (or says it has no weights)
+        kwargs["pretrained"] = pretrained
     model = builder(num_classes=400 if num_classes is None else num_classes, **kwargs)
+    kwargs.pop("pretrained", None)
     report = None
     if weights is not None:
         assert checkpoint is not None
@@ -170,7 +168,7 @@ def create_model(
                 f"num_classes={num_classes} differs from the file's: the classifier keeps its init"
             )
     elif pretrained is not None:
-        report = load_weights(model, pretrained)
+        report = getattr(model, "load_report", None)
     if report is not None:
         model.load_report = report  # type: ignore[assignment]
     meta = meta or {}

@@ -14,6 +14,7 @@ import torch
 
 from nlnet.models.registry import register_model
 from nlnet.models.resnet import PoolSpec, VideoResNet, stage_name
+from nlnet.models.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,10 @@ def build_video_resnet(
             kernel inflated in every other block; §2.2 of the reference).
         nonlocal_blocks: 0, 1, 5, 10 (see :func:`nonlocal_placement`) or ``{stage: [indices]}``.
         variant: temporal layout, one of :data:`VARIANTS` (``original``: the code's 2×3×3 /
-            2×1×1 pools; ``paper``: Table 1's 3×3×3 / 3×1×1; ``speed``: the 8×8 models).
+            2×1×1 pools; ``paper``: Table 1's 3×3×3 / 3×1×1; ``speed``: the 8×8 models;
+            ``slowfast`` / ``slowfast_nopool``: PySlowFast's c2d, i3d / c2d_nopool, i3d_nopool
+            archs; ``mmaction2``). Recorded with the other non-shape settings in
+            ``model.settings``, which loading checks (:mod:`nlnet.models.settings`).
         inflate: ``"3x1x1"`` (default for I3D) or ``"3x3x3"`` (Table 2e); I3D only.
         pairwise, extent, norm, scale, pool_before_conv, subsample, backend: passed to every
             :class:`~nlnet.block.NonLocalBlock` (Table 2a, 2d).  ``norm`` defaults to ``None``
@@ -247,8 +251,6 @@ def build_video_resnet(
         "zero_init_residual": zero_init_residual,
     }
     if pretrained is not None:
-        from nlnet.models.weights import load_weights
-
         report = load_weights(model, pretrained)
         log.info("loaded pretrained weights: %s", report)
         model.load_report = report  # type: ignore[assignment]
