@@ -149,14 +149,20 @@ def infer_arch(state: Mapping[str, Tensor]) -> tuple[str | None, dict[str, Any]]
     }
 
 
+_VARIANT_HELP = {
+    "original": "the release's 32x2 / 128x1 models",
+    "speed": "its 8x8 / 32x4 models",
+    "slowfast": "PySlowFast's C2D / I3D / I3D_NLN 8x8",
+    "slowfast_nopool": "PySlowFast's C2D_NOPOOL / I3D_NOPOOL (no temporal pool after res2)",
+}
+
+
 def _variant_error(fmt: str, why: str) -> ValueError:
     choices = LAYOUT_VARIANTS[fmt]
     return ValueError(
         f"the {fmt} weights do not tell their temporal layout ({why}): pass it explicitly, "
         f"variant=... in Python or --variant {{{','.join(choices)}}} to nlnet convert. "
-        "original: the release's 32x2 / 128x1 models; speed: its 8x8 / 32x4 models; slowfast: "
-        "PySlowFast's C2D / I3D / I3D_NLN 8x8; slowfast_nopool: PySlowFast's C2D_NOPOOL / "
-        "I3D_NOPOOL (no temporal pool after res2)"
+        + "; ".join(f"{v}: {_VARIANT_HELP[v]}" for v in choices)
     )
 
 
