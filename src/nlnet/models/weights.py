@@ -204,6 +204,14 @@ def load_weights(
     if check_settings:
         _check(model, checkpoint, raw, state, fmt, _describe(source))
     report = LoadReport(source_format=fmt, ignored=ignored)
+    implied = implied_settings(fmt, raw, state, checkpoint)
+    if implied:
+        report.notes.append(
+            f"the {fmt} layout implies "
+            + ", ".join(
+                f"{k}={v[0]!r}" if len(v) == 1 else f"{k} in {list(v)}" for k, v in implied.items()
+            )
+        )
     used: set[str] = set()
     target = model.state_dict()
     frozen = {n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm)}
