@@ -221,17 +221,23 @@ def test_caffe2_roundtrip_through_the_cli(
     src = tmp_path / "i3d_nonlocal_32x2_IN_pretrain_400k.pkl"
     src.write_bytes(pickle.dumps({"blobs": to_caffe2(source)}, protocol=2))
     dst = tmp_path / "out" / "i3d_r50_nl5.pth"
-    argv = ["convert", "--from", "caffe2", str(src), str(dst), "--arch", "i3d_r50_nl5"]
+    argv = ["convert", "--from", "caffe2", str(src), str(dst), "--variant", "original"]
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
-    assert "variant='original'" in out
+    assert "variant='original'" in out and "i3d_r50_nl5" in out  # the arch is inferred
     ckpt = torch.load(dst, weights_only=True)
     assert ckpt["arch"] == "i3d_r50_nl5" and ckpt["converted_from"] == "caffe2"
+    assert ckpt["format"] == "nlnet" and ckpt["source"] == src.name
     model = create_model(ckpt["arch"], num_classes=ckpt["num_classes"], **ckpt["model_kwargs"])
     report = load_weights(model, dst, strict=True)
     assert report.complete
     _assert_same_state(model, source)
     torch.testing.assert_close(_logits(model), _logits(source), rtol=0, atol=0)
+    # Without --variant: refused, naming the flag (the file name is never used).
+    argv = ["convert", "--from", "caffe2", str(src), str(tmp_path / "x.pth")]
+    assert cli_main(argv) == 1
+    assert "--variant {original,speed,slowfast,slowfast_nopool}" in capsys.readouterr().out
+    assert not (tmp_path / "x.pth").exists()
 
 
 def small_i3d(**kw: object) -> VideoResNet:
@@ -261,7 +267,7 @@ def test_caffe2_affine_128f_model_and_ignored_blobs() -> None:
     blobs = to_caffe2(source)
     assert not any(k.endswith(("_bn_rm", "_bn_riv")) for k in blobs)
     assert not any(k.startswith("nonlocal") and "_bn_" in k for k in blobs)
-    conv = convert_caffe2({"blobs": blobs})
+    conv = convert_caffe2({"blobs": blobs}, variant="original")
     assert conv.model_kwargs == {
         "variant": "original",
         "freeze_bn": True,
@@ -286,7 +292,9 @@ def test_caffe2_affine_128f_model_and_ignored_blobs() -> None:
     assert all(b.norm is None for b in blocks.values()) and reg.freeze_bn
 
 
-def test_caffe2_speed_variant_from_file_name_and_r101_positions(tmp_path: Path) -> None:
+def test_caffe2_variant_is_never_taken_from_the_file_name_and_r101_positions(
+    tmp_path: Path,
+) -> None:
     source = create_model("c2d_r101_nl5", variant="speed", device="meta")
     names = [
         k for k in to_caffe2_names(source) if k.startswith("nonlocal") and k.endswith("_theta_w")
@@ -302,18 +310,17 @@ def test_caffe2_speed_variant_from_file_name_and_r101_positions(tmp_path: Path) 
         "conv1_w": np.zeros((64, 3, 1, 7, 7), np.float32),
         "pred_w": np.zeros((4, 2048), np.float32),
     }
-    for name, variant in (
-        ("c2d_nonlocal_8x8_IN_pretrain_400k.pkl", "speed"),
-        ("c2d_baseline_32x2_IN_pretrain_400k.pkl", "original"),
-    ):
+    for name in ("c2d_nonlocal_8x8_IN_pretrain_400k.pkl", "c2d_baseline_32x2_IN_pretrain_400k.pkl"):
         path = tmp_path / name
         path.write_bytes(pickle.dumps({"blobs": tiny}, protocol=2))
-        assert convert_caffe2(path).model_kwargs["variant"] == variant
+        with pytest.raises(ValueError, match="--variant"):
+            convert_caffe2(path)
+        assert convert_caffe2(path, variant="speed").model_kwargs["variant"] == "speed"
     # A checkpoint converted for the wrong architecture: every bad key is named.
     blobs = to_caffe2(create_model("c2d_r50_nl5", num_classes=10))
     blobs["nonlocal_conv4_9_theta_w"] = blobs.pop("nonlocal_conv4_5_theta_w")
     with pytest.raises(ValueError, match=r"res4\.nonlocal9\.theta\.weight") as err:
-        convert_checkpoint("caffe2", {"blobs": blobs}, None, "c2d_r50_nl5")
+        convert_checkpoint("caffe2", {"blobs": blobs}, None, "c2d_r50_nl5", variant="original")
     assert "res4.nonlocal5.theta.weight" in str(err.value)
 
 
@@ -335,8 +342,11 @@ def test_slowfast_roundtrip_and_block_semantics(tmp_path: Path) -> None:
     assert len(to_slowfast(create_model("i3d_r50", device="meta"))) == 320
     src = tmp_path / "I3D_NLN_8x8_R50.pyth"
     torch.save({"model_state": sd, "cur_epoch": 196}, src)
-    conv, report, model = convert_checkpoint("slowfast", src, None, "i3d_r50_nl5")
-    assert conv.model_kwargs == {"variant": "slowfast"} and report.complete
+    with pytest.raises(ValueError, match="--variant"):
+        convert_checkpoint("slowfast", src, None, "i3d_r50_nl5")  # c2d vs c2d_nopool unknown
+    conv, report, model = convert_checkpoint("slowfast", src, None, variant="slowfast")
+    assert conv.model_kwargs == {"variant": "slowfast", "norm": "batch"} and report.complete
+    assert conv.arch == "i3d_r50_nl5"
     _assert_same_state(model, source)
     torch.testing.assert_close(_logits(model), _logits(source), rtol=0, atol=0)
 
@@ -373,7 +383,11 @@ def test_mmaction2_roundtrip_and_block_semantics(tmp_path: Path) -> None:
     assert not any(k.endswith("conv_out.conv.bias") for k in sd)
     src = tmp_path / "i3d_nl.pth"
     torch.save({"meta": {"epoch": 100}, "state_dict": sd}, src)
-    conv, report, model = convert_checkpoint("mmaction2", src, None, "i3d_r50_nl5")
+    with pytest.raises(ValueError, match="--pairwise"):
+        convert_checkpoint("mmaction2", src, None, "i3d_r50_nl5")
+    conv, report, model = convert_checkpoint(
+        "auto", src, None, "i3d_r50_nl5", pairwise="embedded_gaussian"
+    )
     assert conv.model_kwargs == {**settings, "scale": 1.0, "norm": "batch"}
     assert report.complete
     _assert_same_state(model, source)  # logits: see the small-network test below
@@ -450,7 +464,8 @@ def _check_mmcv_block(
 
 def test_mmaction2_use_scale_flag() -> None:
     sd = to_mmaction2(create_model("i3d_r50_nl5", device="meta"))
-    conv = convert_mmaction2({"state_dict": {k: torch.zeros(v.shape) for k, v in sd.items()}})
+    zeros = {k: torch.zeros(v.shape) for k, v in sd.items()}
+    conv = convert_mmaction2({"state_dict": zeros}, pairwise="embedded_gaussian")
     assert conv.model_kwargs["scale"] == 1.0 and conv.model_kwargs["pool_before_conv"] is False
     assert any("use_scale" in n for n in conv.notes)
 
@@ -475,12 +490,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
         read_state_dict(path)
     with pytest.raises(UnsafeCheckpointError):
         load_weights(create_model("c2d_r50", device="meta"), path)
-    assert (
-        cli_main(
-            ["convert", "--from", "caffe2", str(path), str(tmp_path / "o.pth"), "--arch", "c2d_r50"]
-        )
-        == 1
-    )
+    assert cli_main(["convert", str(path), str(tmp_path / "o.pth"), "--variant", "speed"]) == 1
     assert not marker.exists()
     assert not (tmp_path / "o.pth").exists()
     # The same object in a torch file is refused by weights_only=True.

@@ -22,8 +22,9 @@ from nlnet.engine.checkpoint import (
 )
 from nlnet.engine.classification import ClassificationTask, collate_views
 from nlnet.engine.optim import StepSchedule, build_optimizer, param_groups, plan_batches, set_lr
-from nlnet.engine.precise_bn import freeze_bn, keep_frozen, update_bn_stats
+from nlnet.engine.precise_bn import update_bn_stats
 from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
+from nlnet.models import FrozenBatchNorm, freeze_batch_norm
 
 
 def test_step_schedule_and_warmup() -> None:
@@ -115,13 +116,16 @@ def test_frozen_bn_keeps_statistics_and_affine(rng: torch.Generator) -> None:
     with torch.no_grad():
         model.bn.running_mean.uniform_(generator=rng)
         model.bn.weight.uniform_(generator=rng)
+    x = torch.randn(2, 3, 2, 4, 4, generator=rng)
+    expected = model.eval()(x)
+    freeze_batch_norm(model)  # the one frozen-BN mechanism: BN folded into a fixed affine
+    assert isinstance(model.bn, FrozenBatchNorm)
+    torch.testing.assert_close(model(x), expected)  # eval-mode BN, exactly
     before = {k: v.clone() for k, v in model.bn.state_dict().items()}
-    assert freeze_bn(model) == 1
     opt = build_optimizer(model, load_config().solver, 0.1)
     assert all(p is not model.bn.weight for g in opt.param_groups for p in g["params"])
     model.train()
-    keep_frozen(model)
-    model(torch.randn(2, 3, 2, 4, 4, generator=rng)).sum().backward()
+    model(x).sum().backward()
     opt.step()
     for k, v in model.bn.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -326,7 +330,9 @@ def test_task_builds_model_from_checkpoint_and_freezes_bn(
         task = ClassificationTask(cfg)
         model = task.build_model()
         assert torch.equal(model.conv.weight, src.conv.weight)
-        assert torch.equal(model.bn.running_var, src.bn.running_var)
+        assert isinstance(model.bn, FrozenBatchNorm)  # the statistics are folded in
+        folded = src.bn.weight / torch.sqrt(src.bn.running_var + src.bn.eps)
+        torch.testing.assert_close(model.bn.weight, folded)
         assert not torch.equal(
             model.fc.bias[:3], src.fc.bias
         )  # a 5-class classifier: re-initialised
@@ -335,6 +341,7 @@ def test_task_builds_model_from_checkpoint_and_freezes_bn(
             "fc.weight",
         ]
         assert not model.bn.weight.requires_grad and model.conv.weight.requires_grad
+        assert not any(p is model.bn.weight for p in model.parameters())
     bad = ClassificationTask(
         load_config(
             None, ["model.name=engine_test_net", "model.num_classes=3", "model.kwargs.depth=3"]

@@ -41,10 +41,14 @@ class ModelConfig:
     #: fine-tuning). Names absent from it (e.g. non-local blocks) keep their own (identity) init;
     #: tensors whose shape differs (e.g. a classifier over other classes) are skipped and reported.
     init_from: str | None = None
+    #: Refuse ``init_from`` weights made for other model settings (variant, pairwise, ...; they
+    #: would compute something else). ``false`` to initialise from another layout on purpose.
+    init_check_settings: bool = True
     #: Dropout before the classifier (paper §4.1: 0.5), passed to the model builder.
     dropout: float | None = 0.5
-    #: Freeze every BatchNorm: running statistics fixed, γ/β not trained (the 128-frame recipe,
-    #: paper §5.1 / Table 2g). Done by the engine, after loading weights.
+    #: Freeze the backbone's BatchNorm: running statistics and γ/β folded into fixed affines
+    #: (FrozenBatchNorm; the 128-frame recipe, paper §5.1 / Table 2g). Non-local blocks keep a
+    #: trainable BN (frozen, its γ = 0 would keep every NL gradient at exactly zero).
     freeze_bn: bool = False
     #: Further keyword arguments for the model builder, passed verbatim (variant, inflate,
     #: pairwise, extent, temporal_groups, norm, backend, ...).

@@ -13,53 +13,29 @@ Files are read with ``torch.load(..., weights_only=True)``: a checkpoint cannot 
 from __future__ import annotations
 
 import os
-import urllib.parse
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from nlnet.detection.models import NONLOCAL_PREFIXES
-
-
-def _is_url(source: str) -> bool:
-    return urllib.parse.urlparse(source).scheme in ("http", "https", "file")
+from nlnet.models.io import read_state_dict as _read_state_dict
 
 
 def read_state_dict(
     source: str | os.PathLike[str] | Mapping[str, Any], *, model_dir: str | None = None
 ) -> dict[str, Tensor]:
-    """A state dict from a mapping, a local file or a URL (cached by ``torch.hub``).
+    """A state dict from a mapping, a local file or a URL (cached by ``torch.hub``), read by
+    :func:`nlnet.models.io.read_state_dict` (container sniffing, ``weights_only`` loading).
 
     Checkpoints that wrap the weights (``{"model": ...}``, ``{"state_dict": ...}``) are unwrapped,
     and a DistributedDataParallel ``module.`` prefix is removed.
     """
-    if isinstance(source, Mapping):
-        obj: Any = source
-    else:
-        text = os.fspath(source)
-        if _is_url(text):
-            obj = torch.hub.load_state_dict_from_url(
-                text, model_dir=model_dir, map_location="cpu", progress=True, weights_only=True
-            )
-        else:
-            path = Path(text)
-            if not path.is_file():
-                raise FileNotFoundError(f"weights file not found: {path}")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+    state = _read_state_dict(source, model_dir=model_dir)
+    if not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(
             f"{source!r} does not hold a state dict (a mapping of parameter names to tensors)"
         )
-    state = dict(obj)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 

@@ -195,30 +195,69 @@ def _report_dict(report: Any) -> dict[str, list[str]]:
     return out
 
 
-def load_model_weights(model: nn.Module, source: str | Path) -> dict[str, list[str]]:
-    """Initialise ``model`` from ``source`` (engine checkpoint, state dict, converted weights).
+def load_model_weights(
+    model: nn.Module, source: str | Path, *, check_settings: bool = True
+) -> dict[str, list[str]]:
+    """Initialise ``model`` from ``source`` (engine checkpoint, state dict, converted weights)
+    with :func:`nlnet.models.load_weights` (name conversion, 2D→3D inflation, BN folded into
+    frozen affines, non-local blocks left at identity). Weights made for other model settings
+    (variant, pairwise, ...) raise ``WeightsMismatchError`` unless ``check_settings=False``.
+    Returns the report as lists of names."""
+    from nlnet.models import load_weights
 
-    Uses ``nlnet.models.load_weights`` (name conversion, 2D→3D inflation, BN folded into frozen
-    affines, non-local blocks left at identity); without it, copies the tensors whose name and
-    shape match (:func:`init_from_state_dict`). Returns the report as lists of names.
-    """
+    return _report_dict(load_weights(model, str(source), check_settings=check_settings))
+
+
+def weights_metadata(cfg: Any, model: nn.Module) -> dict[str, Any]:
+    """The self-describing fields of a training checkpoint (``docs/models.md``): arch, every
+    model kwarg, num_classes, class names and the preprocessing of ``cfg``'s recipe."""
+    from nlnet.models.io import FORMAT, FORMAT_VERSION, plain
+
+    m, d, e = cfg.model, cfg.data, cfg.eval
+    net = unwrap(model)
+    kwargs: dict[str, Any] = dict(getattr(net, "settings", None) or m.kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("device", "dtype", "pretrained")}
+    if m.freeze_bn:
+        kwargs["freeze_bn"] = True
+    fc = getattr(getattr(net, "head", None), "fc", None) or getattr(net, "fc", None)
+    num_classes = getattr(fc, "out_features", None) or m.num_classes
+    classes = d.classes if isinstance(d.classes, list | tuple) else None
+    from nlnet.data.transforms import NORMALIZATIONS
+
+    mean, std = NORMALIZATIONS.get(d.normalization, (None, None))
+    preprocessing = {
+        "mean": None if mean is None else list(mean),
+        "std": None if std is None else list(std),
+        "frames": d.clip_length,
+        "stride": d.sampling_rate,
+        "test_scale": d.test_scale,
+        "crop": d.crop_size,
+        "clips": e.num_clips,
+        "crops": e.test_crop,
+    }
     try:
-        from nlnet.models import load_weights  # type: ignore[attr-defined]
-    except ImportError:
-        load_weights = None
-    if load_weights is not None:
-        return _report_dict(load_weights(model, str(source)))
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {source}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
-        # A plain state dict, or one wrapped as {"model": ...} / {"state_dict": ...}.
-        for cand in (obj.get("model"), obj.get("state_dict"), obj):
-            if (
-                isinstance(cand, dict)
-                and cand
-                and all(isinstance(v, torch.Tensor) for v in cand.values())
-            ):
-                return init_from_state_dict(model, cand)
-    raise ValueError(f"cannot read weights from {source}: expected a state dict of tensors")
+        kwargs, preprocessing = plain(kwargs), plain(preprocessing)
+    except TypeError:
+        kwargs = {k: v for k, v in kwargs.items() if _is_plain(v)}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": m.name,
+        "model_kwargs": kwargs,
+        "num_classes": num_classes,
+        "classes": None if classes is None else [str(c) for c in classes],
+        "preprocessing": preprocessing,
+        "converted_from": None,
+        "source": None,
+        "notes": [],
+    }
+
+
+def _is_plain(value: Any) -> bool:
+    from nlnet.models.io import plain
+
+    try:
+        plain(value)
+    except TypeError:
+        return False
+    return True

@@ -25,7 +25,6 @@ from nlnet import metrics
 from nlnet.config import Config, ConfigError
 from nlnet.engine import distributed as dist
 from nlnet.engine.checkpoint import load_model_weights
-from nlnet.engine.precise_bn import freeze_bn
 from nlnet.engine.task import register_task
 from nlnet.io import atomic_write_text
 
@@ -73,15 +72,15 @@ class ClassificationTask:
         return n
 
     def build_model(self) -> nn.Module:
-        from nlnet.models import create_model
+        from nlnet.models import create_model, freeze_batch_norm
 
         m = self.cfg.model
         kwargs = dict(m.kwargs)
         if m.dropout is not None:
             kwargs.setdefault("dropout", m.dropout)
         if m.freeze_bn:
-            # The builder turns BN into frozen affines (and loading folds the statistics in);
-            # the engine then freezes any BatchNorm layer left (see below).
+            # The builder turns the backbone's BN into frozen affines (loading folds the
+            # statistics in); non-local blocks keep a trainable BN (their γ starts at 0).
             kwargs.setdefault("freeze_bn", True)
         try:
             model = create_model(
@@ -92,9 +91,12 @@ class ClassificationTask:
         except ValueError as e:
             raise ConfigError(f"model.name / model.kwargs: {e}") from None
         if m.init_from:
-            self.init_report = load_model_weights(model, m.init_from)
+            self.init_report = load_model_weights(
+                model, m.init_from, check_settings=m.init_check_settings
+            )
         if m.freeze_bn:
-            freeze_bn(model)
+            # Models whose builder ignores freeze_bn: the same FrozenBatchNorm, NL blocks excluded.
+            freeze_batch_norm(model)
         return model
 
     # -- data ---------------------------------------------------------------------------------

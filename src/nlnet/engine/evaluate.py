@@ -24,19 +24,27 @@ from nlnet.engine.checkpoint import is_engine_checkpoint, load_model_weights, un
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler
 from nlnet.engine.task import Task, build_task
+from nlnet.models.io import CheckpointFormatError
+from nlnet.models.settings import WeightsMismatchError
 
 
 def load_for_eval(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, list[str]]:
     """Weights for testing: an engine checkpoint loads strictly; other formats (a converted
-    Caffe2 model, a plain state dict) go through :func:`load_model_weights` and report."""
+    Caffe2 model, a plain state dict) go through :func:`load_model_weights` and report.
+
+    Weights made for other model settings than the config's (e.g. a PySlowFast 8×8 model,
+    ``variant: slowfast``, into a ``variant: speed`` recipe) raise ``WeightsMismatchError``
+    naming each setting and the override to use."""
+    from nlnet.models import load_weights, read_checkpoint
+
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if is_engine_checkpoint(obj):
-            unwrap(model).load_state_dict(obj["model"])
-            return {"missing": [], "unexpected": [], "mismatched": []}
+    obj = read_checkpoint(path)
+    if is_engine_checkpoint(obj):
+        load_weights(unwrap(model), obj, strict=True)  # checks the settings first
+        unwrap(model).load_state_dict(obj["model"])
+        return {"missing": [], "unexpected": [], "mismatched": []}
     return load_model_weights(model, path)
 
 
@@ -68,8 +76,8 @@ def _evaluate(
     if cfg.model.num_classes is None:  # the test set gives the number of classes
         task.build_dataset(split)
     model = task.build_model()  # before the data otherwise: a bad model keyword fails at once
+    report = load_for_eval(model, checkpoint)  # so do weights made for other settings
     dataset = task.build_dataset(split)
-    report = load_for_eval(model, checkpoint)
     if dist.is_main() and (report.get("missing") or report.get("mismatched")):
         print(
             f"nlnet eval: WARNING: {len(report.get('missing', []))} model tensors missing from "
@@ -132,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"nlnet eval: config error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, WeightsMismatchError, CheckpointFormatError) as e:
         print(f"nlnet eval: {e}", file=sys.stderr)
         return 2
     finally:

@@ -77,24 +77,3 @@ def update_bn_stats(
         m.running_mean.copy_(stats[0].to(m.running_mean.dtype))
         m.running_var.copy_(var.to(m.running_var.dtype))
     return n
-
-
-def freeze_bn(model: nn.Module) -> int:
-    """Freeze every BatchNorm layer: eval mode (running statistics used and kept) and no gradient
-    for γ/β — the fixed per-channel affine of the 128-frame recipe (paper §5.1, Table 2g).
-    Returns the number of layers frozen. Call :func:`keep_frozen` after each ``model.train()``."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(False)
-            m.eval()
-            m._nlnet_frozen = True  # type: ignore[attr-defined]
-            n += 1
-    return n
-
-
-def keep_frozen(model: nn.Module) -> None:
-    for m in model.modules():
-        if getattr(m, "_nlnet_frozen", False):
-            m.eval()

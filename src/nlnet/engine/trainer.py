@@ -37,6 +37,7 @@ from nlnet.engine.checkpoint import (
     rng_state,
     set_rng_state,
     unwrap,
+    weights_metadata,
 )
 from nlnet.engine.optim import (
     BatchPlan,
@@ -45,7 +46,7 @@ from nlnet.engine.optim import (
     plan_batches,
     set_lr,
 )
-from nlnet.engine.precise_bn import bn_modules, keep_frozen, update_bn_stats
+from nlnet.engine.precise_bn import bn_modules, update_bn_stats
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.engine.task import Task, build_task
@@ -228,8 +229,7 @@ class Trainer:
 
     # -- actions ------------------------------------------------------------------------------
     def _train_mode(self) -> None:
-        self.model.train()
-        keep_frozen(self.model)
+        self.model.train()  # frozen BN layers are FrozenBatchNorm: train() does not touch them
 
     def precise_bn(self) -> None:
         n = self.cfg.train.precise_bn_batches
@@ -266,6 +266,8 @@ class Trainer:
         rngs = dist.all_gather_object(rng_state())
         if dist.is_main():
             state = {
+                # Self-describing (docs/models.md): arch, model_kwargs, classes, preprocessing.
+                **weights_metadata(self.cfg, self.model),
                 "nlnet_checkpoint": FORMAT_VERSION,
                 "iteration": self.iteration,
                 "model": unwrap(self.model).state_dict(),

@@ -4,6 +4,7 @@ from nlnet.models import (
     demo,  # noqa: F401  (registers demo_c2d, demo_c2d_nl, demo_i3d)
     zoo,  # noqa: F401  (registers the paper's models)
 )
+from nlnet.models.io import CheckpointFormatError, UnsafeCheckpointError, read_checkpoint
 from nlnet.models.registry import create_model, list_models, register_model
 from nlnet.models.resnet import (
     TEST_HEADS,
@@ -17,12 +18,14 @@ from nlnet.models.resnet import (
     freeze_batch_norm,
     nonlocal_blocks,
 )
-from nlnet.models.weights import LoadReport, UnsafeCheckpointError, load_weights
+from nlnet.models.settings import WeightsMismatchError
+from nlnet.models.weights import LoadReport, load_weights
 
 __all__ = [
     "TEST_HEADS",
     "BasicBlock",
     "Bottleneck",
+    "CheckpointFormatError",
     "FrozenBatchNorm",
     "Head",
     "LoadReport",
@@ -30,10 +33,12 @@ __all__ = [
     "Stem",
     "UnsafeCheckpointError",
     "VideoResNet",
+    "WeightsMismatchError",
     "create_model",
     "freeze_batch_norm",
     "list_models",
     "load_weights",
     "nonlocal_blocks",
+    "read_checkpoint",
     "register_model",
 ]

@@ -1,22 +1,24 @@
-"""Converters from other projects' checkpoints to nlnet's layout, and ``nlnet convert``.
+"""Converters from other projects' checkpoints to self-describing nlnet files, and ``nlnet convert``.
 
-Recognised layouts (``checkpoint-formats.md`` in the reference material):
+The layouts and their key names are in :mod:`nlnet.models.layouts`. A converter detects from
+the file itself what it can (the format from its keys, frozen BN from missing statistics, NL
+normalisation, mmcv's sub-sampling and Gaussian mode, PySlowFast's arch from the ``cfg`` stored
+in a ``.pyth``, the arch name from the shapes); what the weights cannot tell must be given and is
+never guessed from the file name:
 
-* ``caffe2``: the original release (video-nonlocal-net) — ``conv1_w``, ``res{s}_{i}_branch2{a,b,c}_w``,
-  ``..._bn_{s,b,rm,riv}`` (``_rm``/``_riv`` absent in the frozen-BN "affine" models),
-  ``nonlocal_conv{s}_{i}_{theta,phi,g,out}_{w,b}``, ``nonlocal_conv{s}_{i}_bn_*``, ``pred_{w,b}``.
-  Also its 2D ImageNet ResNets (4-D kernels, inflated on load).
-* ``slowfast``: PySlowFast ``.pyth`` — ``s1.pathway0_stem.{conv,bn}``,
-  ``s{s}.pathway0_res{i}.branch1/branch2.{a,b,c}`` (+ ``_bn``),
-  ``s{s}.pathway0_nonlocal{i}.conv_{theta,phi,g,out}`` / ``.bn``, ``head.projection``.
-* ``mmaction2``: ``backbone.conv1.{conv,bn}``, ``backbone.layer{k}.{i}.conv{1,2,3}.{conv,bn}``,
-  ``...downsample.{conv,bn}``, ``...non_local_block.{theta,phi(.0),g(.0),conv_out}.{conv,bn}``
-  (mmcv's NonLocal3d; ``.0`` when it sub-samples), ``cls_head.fc_cls``.
-* ``torchvision``: a 2D ResNet (``conv1``, ``bn1``, ``layer{k}.{i}.conv{1,2,3}``, ``downsample.{0,1}``,
-  ``fc``), inflated on load (§4).
+=============  ===================================================================================
+source         required when the file cannot tell
+=============  ===================================================================================
+caffe2         ``variant``: ``original`` (the release's 32×2, 128×1), ``speed`` (its 8×8, 32×4),
+               ``slowfast`` (PySlowFast's I3D / I3D_NLN ``.pkl``) or ``slowfast_nopool``
+               (PySlowFast's ``C2D_NOPOOL``)
+slowfast       ``variant``: ``slowfast`` or ``slowfast_nopool`` (read from the ``cfg`` if present)
+mmaction2      ``pairwise``: ``embedded_gaussian`` or ``dot_product`` (``gaussian`` is detected)
+=============  ===================================================================================
 
-Every source key is either mapped, listed as ignored (iteration counters, momentum buffers,
-shape blobs) or kept under its own name so that loading reports it as unexpected.
+:func:`convert_checkpoint` writes the self-describing file of ``docs/models.md`` (arch,
+model_kwargs, num_classes, classes, preprocessing, source), which
+``nlnet.create_model(weights=FILE)`` rebuilds exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,203 +34,47 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nlnet.models.weights import UnsafeCheckpointError, read_state_dict, to_tensor
+from nlnet.models.io import (
+    CheckpointFormatError,
+    UnsafeCheckpointError,
+    read_checkpoint,
+    save_weights,
+    unwrap_state_dict,
+    weights_file,
+)
+from nlnet.models.layouts import (
+    FORMATS,
+    LAYOUT_VARIANTS,
+    detect_format,
+    has_nonlocal,
+    nonlocal_has_bn,
+    slowfast_config,
+    to_nlnet_names,
+)
+from nlnet.models.registry import create_model
+from nlnet.models.settings import WeightsMismatchError
+from nlnet.models.weights import load_weights
+from nlnet.models.zoo import DEPTHS, nonlocal_placement
 
-FORMATS: tuple[str, ...] = ("caffe2", "slowfast", "mmaction2")
-_BN = {"s": "weight", "b": "bias", "rm": "running_mean", "riv": "running_var"}
-
-_CAFFE2_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"conv1_w"), lambda m: "stem.conv.weight"),
-    (re.compile(r"res_conv1_bn_(s|b|rm|riv)"), lambda m: f"stem.bn.{_BN[m[1]]}"),
-    (
-        re.compile(r"res(\d)_(\d+)_branch2([abc])_w"),
-        lambda m: f"res{m[1]}.{m[2]}.conv_{m[3]}.weight",
-    ),
-    (
-        re.compile(r"res(\d)_(\d+)_branch2([abc])_bn_(s|b|rm|riv)"),
-        lambda m: f"res{m[1]}.{m[2]}.bn_{m[3]}.{_BN[m[4]]}",
-    ),
-    (re.compile(r"res(\d)_(\d+)_branch1_w"), lambda m: f"res{m[1]}.{m[2]}.shortcut_conv.weight"),
-    (
-        re.compile(r"res(\d)_(\d+)_branch1_bn_(s|b|rm|riv)"),
-        lambda m: f"res{m[1]}.{m[2]}.shortcut_bn.{_BN[m[3]]}",
-    ),
-    (
-        re.compile(r"nonlocal_conv(\d)_(\d+)_(theta|phi|g|out)_([wb])"),
-        lambda m: f"res{m[1]}.nonlocal{m[2]}.{m[3]}.{'weight' if m[4] == 'w' else 'bias'}",
-    ),
-    (
-        re.compile(r"nonlocal_conv(\d)_(\d+)_bn_(s|b|rm|riv)"),
-        lambda m: f"res{m[1]}.nonlocal{m[2]}.bn.{_BN[m[3]]}",
-    ),
-    (re.compile(r"pred_([wb])"), lambda m: f"head.fc.{'weight' if m[1] == 'w' else 'bias'}"),
+__all__ = [
+    "CONVERTERS",
+    "FORMATS",
+    "Conversion",
+    "convert_caffe2",
+    "convert_checkpoint",
+    "convert_mmaction2",
+    "convert_slowfast",
+    "detect_format",
+    "infer_arch",
+    "to_nlnet_names",
 ]
 
-_PT_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
-
-_SLOWFAST_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"s1\.pathway0_stem\.conv\.weight"), lambda m: "stem.conv.weight"),
-    (re.compile(rf"s1\.pathway0_stem\.bn\.{_PT_BN}"), lambda m: f"stem.bn.{m[1]}"),
-    (
-        re.compile(r"s(\d)\.pathway0_res(\d+)\.branch1\.weight"),
-        lambda m: f"res{m[1]}.{m[2]}.shortcut_conv.weight",
-    ),
-    (
-        re.compile(rf"s(\d)\.pathway0_res(\d+)\.branch1_bn\.{_PT_BN}"),
-        lambda m: f"res{m[1]}.{m[2]}.shortcut_bn.{m[3]}",
-    ),
-    (
-        re.compile(r"s(\d)\.pathway0_res(\d+)\.branch2\.([abc])\.weight"),
-        lambda m: f"res{m[1]}.{m[2]}.conv_{m[3]}.weight",
-    ),
-    (
-        re.compile(rf"s(\d)\.pathway0_res(\d+)\.branch2\.([abc])_bn\.{_PT_BN}"),
-        lambda m: f"res{m[1]}.{m[2]}.bn_{m[3]}.{m[4]}",
-    ),
-    (
-        re.compile(r"s(\d)\.pathway0_nonlocal(\d+)\.conv_(theta|phi|g|out)\.(weight|bias)"),
-        lambda m: f"res{m[1]}.nonlocal{m[2]}.{m[3]}.{m[4]}",
-    ),
-    (
-        re.compile(rf"s(\d)\.pathway0_nonlocal(\d+)\.bn\.{_PT_BN}"),
-        lambda m: f"res{m[1]}.nonlocal{m[2]}.bn.{m[3]}",
-    ),
-    (re.compile(r"head\.projection\.(weight|bias)"), lambda m: f"head.fc.{m[1]}"),
-]
-
-_ABC = {"1": "a", "2": "b", "3": "c"}
-
-_MMACTION2_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"conv1\.conv\.weight"), lambda m: "stem.conv.weight"),
-    (re.compile(rf"conv1\.bn\.{_PT_BN}"), lambda m: f"stem.bn.{m[1]}"),
-    (
-        re.compile(r"layer(\d)\.(\d+)\.conv([123])\.conv\.weight"),
-        lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv_{_ABC[m[3]]}.weight",
-    ),
-    (
-        re.compile(rf"layer(\d)\.(\d+)\.conv([123])\.bn\.{_PT_BN}"),
-        lambda m: f"res{int(m[1]) + 1}.{m[2]}.bn_{_ABC[m[3]]}.{m[4]}",
-    ),
-    (
-        re.compile(r"layer(\d)\.(\d+)\.downsample\.conv\.weight"),
-        lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut_conv.weight",
-    ),
-    (
-        re.compile(rf"layer(\d)\.(\d+)\.downsample\.bn\.{_PT_BN}"),
-        lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut_bn.{m[3]}",
-    ),
-    (
-        re.compile(
-            r"layer(\d)\.(\d+)\.non_local_block\.(theta|phi|g)(?:\.0)?\.conv\.(weight|bias)"
-        ),
-        lambda m: f"res{int(m[1]) + 1}.nonlocal{m[2]}.{m[3]}.{m[4]}",
-    ),
-    (
-        re.compile(r"layer(\d)\.(\d+)\.non_local_block\.conv_out\.conv\.(weight|bias)"),
-        lambda m: f"res{int(m[1]) + 1}.nonlocal{m[2]}.out.{m[3]}",
-    ),
-    (
-        re.compile(rf"layer(\d)\.(\d+)\.non_local_block\.conv_out\.bn\.{_PT_BN}"),
-        lambda m: f"res{int(m[1]) + 1}.nonlocal{m[2]}.bn.{m[3]}",
-    ),
-    (re.compile(r"fc_cls\.(weight|bias)"), lambda m: f"head.fc.{m[1]}"),
-]
-
-_TORCHVISION_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"conv1\.weight"), lambda m: "stem.conv.weight"),
-    (re.compile(rf"bn1\.{_PT_BN}"), lambda m: f"stem.bn.{m[1]}"),
-    (
-        re.compile(r"layer(\d)\.(\d+)\.conv([123])\.weight"),
-        lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv_{_ABC[m[3]]}.weight",
-    ),
-    (
-        re.compile(rf"layer(\d)\.(\d+)\.bn([123])\.{_PT_BN}"),
-        lambda m: f"res{int(m[1]) + 1}.{m[2]}.bn_{_ABC[m[3]]}.{m[4]}",
-    ),
-    (
-        re.compile(r"layer(\d)\.(\d+)\.downsample\.0\.weight"),
-        lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut_conv.weight",
-    ),
-    (
-        re.compile(rf"layer(\d)\.(\d+)\.downsample\.1\.{_PT_BN}"),
-        lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut_bn.{m[3]}",
-    ),
-    (re.compile(r"fc\.(weight|bias)"), lambda m: f"head.fc.{m[1]}"),
-]
-
-_RULES = {
-    "caffe2": _CAFFE2_RULES,
-    "slowfast": _SLOWFAST_RULES,
-    "mmaction2": _MMACTION2_RULES,
-    "torchvision": _TORCHVISION_RULES,
-}
-
-
-def detect_format(keys: Mapping[str, Any]) -> str:
-    """``nlnet``, ``caffe2``, ``slowfast``, ``mmaction2``, ``torchvision`` or ``unknown``."""
-    names = set(keys)
-    if "stem.conv.weight" in names:
-        return "nlnet"
-    if "conv1_w" in names or "res_conv1_bn_s" in names:
-        return "caffe2"
-    if any(k.startswith("s1.pathway0_stem.") for k in names):
-        return "slowfast"
-    if "backbone.conv1.conv.weight" in names or "conv1.conv.weight" in names:
-        return "mmaction2"
-    if "conv1.weight" in names and "layer1.0.conv1.weight" in names:
-        return "torchvision"
-    return "unknown"
-
-
-def _is_ignored(fmt: str, name: str, value: Any) -> bool:
-    if fmt == "caffe2":
-        if name in ("model_iter", "lr") or name.endswith("_momentum"):
-            return True
-        # Shape blobs of the in-place reshapes and other non-float bookkeeping.
-        return not hasattr(value, "dtype") or not str(value.dtype).startswith(
-            ("float", "torch.float")
-        )
-    return False
-
-
-def to_nlnet_names(raw: Mapping[str, Any]) -> tuple[dict[str, Tensor], str, list[str]]:
-    """Rename a raw state dict of any recognised layout to ours.
-
-    Returns (state dict, detected format, ignored names).  Unrecognised keys keep their names
-    (so :func:`~nlnet.models.load_weights` reports them as unexpected).
-    """
-    fmt = detect_format(raw)
-    out: dict[str, Tensor] = {}
-    ignored: list[str] = []
-    rules = _RULES.get(fmt)
-    for key, value in raw.items():
-        name = key
-        if fmt == "mmaction2":
-            name = re.sub(r"^(backbone|cls_head)\.", "", name)
-        if _is_ignored(fmt, key, value):
-            ignored.append(key)
-            continue
-        if not hasattr(value, "shape"):
-            ignored.append(key)
-            continue
-        tensor = to_tensor(value, key)
-        if rules is not None:
-            for pattern, rename in rules:
-                m = pattern.fullmatch(name)
-                if m:
-                    name = rename(m)
-                    break
-        if name == "head.fc.weight" and tensor.dim() > 2:  # Caffe2's test-time 1×1×1 conv
-            tensor = tensor.flatten(1)
-        if name in out:
-            raise ValueError(f"two checkpoint entries map to {name!r} (second: {key!r})")
-        out[name] = tensor
-    return out, fmt, sorted(ignored)
+Source = str | os.PathLike[str] | Mapping[str, Any]
 
 
 @dataclass
 class Conversion:
-    """A converted checkpoint: our state dict plus the model settings it needs."""
+    """A converted checkpoint: our state dict plus the model it needs (arch and settings)."""
 
     state_dict: dict[str, Tensor]
     source_format: str
@@ -237,6 +82,9 @@ class Conversion:
     notes: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
+    arch: str | None = None
+    #: NL placement kwargs the inferred ``arch`` needs (blocks not at the registered positions).
+    placement: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int | None:
@@ -247,101 +95,197 @@ class Conversion:
 _OURS = re.compile(r"(stem|head|res\d+)\.|^res\d+\.\d+\.|^res\d+\.nonlocal\d+\.")
 
 
-def _finish(state: dict[str, Tensor], fmt: str, ignored: list[str], expected: str) -> Conversion:
-    if fmt != expected:
-        raise ValueError(f"this checkpoint looks like the {fmt!r} layout, not {expected!r}")
-    unmapped = sorted(k for k in state if not _OURS.match(k))
-    return Conversion(state, fmt, ignored=ignored, unmapped=unmapped)
-
-
-def _has_nonlocal(state: Mapping[str, Tensor]) -> bool:
-    return any(".nonlocal" in k for k in state)
-
-
-def convert_caffe2(
-    source: str | os.PathLike[str] | Mapping[str, Any], *, variant: str | None = None
-) -> Conversion:
-    """The original release's ``.pkl`` (reference §5.5) → our layout.
-
-    ``variant``: the temporal layout the weights were trained with; by default ``speed`` when the
-    file name says 8×8 or 32×4 (the release's speed models), else ``original``.
-    """
-    raw = read_state_dict(source)
+def _read(source: Source, expected: str) -> tuple[dict[str, Any], dict[str, Any], Conversion]:
+    """(whole checkpoint, raw state dict, conversion with the renamed state dict)."""
+    checkpoint = read_checkpoint(source)
+    raw = unwrap_state_dict(checkpoint)
     state, fmt, ignored = to_nlnet_names(raw)
-    conv = _finish(state, fmt, ignored, "caffe2")
-    name = "" if isinstance(source, Mapping) else os.path.basename(os.fspath(source))
+    if fmt != expected:
+        raise CheckpointFormatError(
+            f"this checkpoint looks like the {fmt!r} layout, not {expected!r}"
+            + ("" if fmt == "unknown" else f": convert it with --from {fmt} (or --from auto)")
+        )
+    unmapped = sorted(k for k in state if not _OURS.match(k))
+    conv = Conversion(state, fmt, ignored=ignored, unmapped=unmapped)
+    conv.arch, conv.placement = infer_arch(state)
+    return checkpoint, raw, conv
+
+
+def infer_arch(state: Mapping[str, Tensor]) -> tuple[str | None, dict[str, Any]]:
+    """The registered arch a state dict (our names) fills, from its shapes and keys, plus the
+    placement kwargs it needs when its NL blocks are not at the registered positions.
+
+    C2D vs I3D from conv1's temporal kernel (1 vs 5); depth from the number of res4 blocks
+    (6: R50, 23: R101); 0/1/5/10 NL blocks from the ``res{s}.nonlocal{i}`` keys.
+    """
+    stem = state.get("stem.conv.weight")
+    if stem is None or stem.dim() not in (4, 5):
+        return None, {}
+    temporal = "i3d" if stem.dim() == 5 and stem.shape[2] > 1 else "c2d"
+    res4 = {int(m[1]) for k in state if (m := re.match(r"res4\.(\d+)\.", k))}
+    depth = next((d for d, blocks in DEPTHS.items() if len(res4) == blocks[2]), None)
+    if depth is None:
+        return None, {}
+    found: dict[str, list[int]] = {}
+    for k in state:
+        if m := re.match(r"(res\d+)\.nonlocal(\d+)\.", k):
+            found.setdefault(m[1], [])
+            if int(m[2]) not in found[m[1]]:
+                found[m[1]].append(int(m[2]))
+    found = {k: sorted(v) for k, v in sorted(found.items())}
+    count = sum(len(v) for v in found.values())
+    base = f"{temporal}_r{depth}"
+    if count == 0:
+        return base, {}
+    if count in (5, 10) and nonlocal_placement(depth, count) == found:
+        return f"{base}_nl{count}", {}
+    if count == 1:
+        (stage,) = found
+        placed = nonlocal_placement(depth, 1, stage)
+        if placed == found:
+            return f"{base}_nl1", ({} if stage == "res4" else {"nonlocal_stage": int(stage[3:])})
+    return f"{base}_nl{count}" if count in (1, 5, 10) else f"{base}_nl5", {
+        "nonlocal_blocks": {int(s[3:]): v for s, v in found.items()}
+    }
+
+
+_VARIANT_HELP = {
+    "original": "the release's 32x2 / 128x1 models",
+    "speed": "its 8x8 / 32x4 models",
+    "slowfast": "PySlowFast's C2D / I3D / I3D_NLN 8x8",
+    "slowfast_nopool": "PySlowFast's C2D_NOPOOL / I3D_NOPOOL (no temporal pool after res2)",
+}
+
+
+def _variant_error(fmt: str, why: str) -> ValueError:
+    choices = LAYOUT_VARIANTS[fmt]
+    return ValueError(
+        f"the {fmt} weights do not tell their temporal layout ({why}): pass it explicitly, "
+        f"variant=... in Python or --variant {{{','.join(choices)}}} to nlnet convert. "
+        + "; ".join(f"{v}: {_VARIANT_HELP[v]}" for v in choices)
+    )
+
+
+def _nl_note(conv: Conversion) -> None:
+    conv.notes.append(
+        "NL blocks: pool x before phi/g (pool_before_conv=True), softmax scale dim_inner^-1/2 "
+        "(the defaults)"
+    )
+
+
+def convert_caffe2(source: Source, *, variant: str | None = None) -> Conversion:
+    """The original release's ``.pkl`` (reference §5.5), or PySlowFast's Caffe2-format ``.pkl``.
+
+    ``variant`` is required: the blobs are the same for every temporal layout (``original``: the
+    release's 32×2 and 128×1 models; ``speed``: its 8×8 and 32×4; ``slowfast``: PySlowFast's
+    I3D / I3D_NLN; ``slowfast_nopool``: PySlowFast's C2D_NOPOOL). Frozen BN ("affine" models:
+    no ``_bn_rm``/``_bn_riv``), the NL blocks' BN and the arch are read from the blobs.
+    """
+    _, _, conv = _read(source, "caffe2")
+    state = conv.state_dict
     if variant is None:
-        variant = "speed" if re.search(r"8x8|32x4", name) else "original"
-        conv.notes.append(
-            f"variant={variant!r} (from the file name {name!r}: 8x8/32x4 are the release's speed "
-            "models); pass --variant to override"
+        raise _variant_error("caffe2", "a Caffe2 .pkl stores no strides or pools")
+    if variant not in LAYOUT_VARIANTS["caffe2"]:
+        raise ValueError(
+            f"variant={variant!r} is not a layout of Caffe2 weights; expected one of "
+            f"{LAYOUT_VARIANTS['caffe2']}"
         )
     conv.model_kwargs["variant"] = variant
     frozen = "stem.bn.weight" in state and "stem.bn.running_mean" not in state
     if frozen:
         conv.model_kwargs["freeze_bn"] = True
-        conv.notes.append("frozen-BN ('affine') model: build it with freeze_bn=True")
-    if _has_nonlocal(state):
-        nl_bn = any(re.match(r"res\d+\.nonlocal\d+\.bn\.", k) for k in state)
-        conv.model_kwargs["norm"] = "batch" if nl_bn else None
+        conv.notes.append(
+            "frozen-BN ('affine') model: no BN statistics in the file (freeze_bn=True)"
+        )
+    if has_nonlocal(state):
+        conv.model_kwargs["norm"] = "batch" if nonlocal_has_bn(state) else None
         if frozen and any(k.startswith("res3.nonlocal") for k in state):
             conv.model_kwargs["temporal_groups"] = {3: 4}
             conv.notes.append(
                 "affine NL model: the original code attends within groups of 4 frames in res3 "
                 "(temporal_groups={3: 4}); res4 blocks are full spacetime"
             )
-        conv.notes.append(
-            "NL blocks: pool x before phi/g (pool_before_conv=True), softmax scale dim_inner^-1/2 "
-            "(the defaults)"
-        )
+        _nl_note(conv)
     conv.notes.append("the head's softmax (val/test) is not part of the model: it returns logits")
     return conv
 
 
-def convert_slowfast(source: str | os.PathLike[str] | Mapping[str, Any]) -> Conversion:
-    """A PySlowFast ``.pyth`` (``model_state``) of C2D / I3D / I3D-NLN ResNets → our layout."""
-    raw = read_state_dict(source)
-    state, fmt, ignored = to_nlnet_names(raw)
-    conv = _finish(state, fmt, ignored, "slowfast")
-    conv.model_kwargs["variant"] = "slowfast"
-    conv.notes.append(
-        "variant='slowfast': conv1 temporal stride 1, pool1 1x3x3 stride 1x2x2 padded, 2x1x1 "
-        "pool after res2 (PySlowFast's 8x8 models)"
-    )
-    if _has_nonlocal(state):
-        conv.notes.append(
-            "NL blocks: pool x before phi/g (pool_before_conv=True), softmax scale dim_inner^-1/2 "
-            "(the defaults)"
+def convert_slowfast(source: Source, *, variant: str | None = None) -> Conversion:
+    """A PySlowFast ``.pyth`` (``model_state``) of C2D / I3D / I3D-NLN ResNets → our layout.
+
+    ``variant``: ``slowfast`` (archs c2d, i3d, slow: a 2×1×1 pool after res2) or
+    ``slowfast_nopool`` (c2d_nopool, i3d_nopool). Read from the ``cfg`` the checkpoint stores
+    (``MODEL.ARCH``) when it has one; otherwise required (the weights are the same).
+    """
+    checkpoint, _, conv = _read(source, "slowfast")
+    found = slowfast_config(checkpoint)
+    if variant is None:
+        if "variant" not in found:
+            raise _variant_error("slowfast", "the checkpoint has no cfg naming MODEL.ARCH")
+        variant = found["variant"]
+        conv.notes.append(f"variant={variant!r} from the checkpoint's cfg (MODEL.ARCH)")
+    elif "variant" in found and found["variant"] != variant:
+        raise WeightsMismatchError(
+            f"variant={variant!r} contradicts the checkpoint's cfg (MODEL.ARCH gives "
+            f"{found['variant']!r})",
+            [("variant", (found["variant"],), variant)],
         )
+    if variant not in LAYOUT_VARIANTS["slowfast"]:
+        raise ValueError(
+            f"variant={variant!r}: PySlowFast weights have variant 'slowfast' or 'slowfast_nopool'"
+        )
+    conv.model_kwargs["variant"] = variant
+    conv.notes.append(
+        f"variant={variant!r}: conv1 temporal stride 1, pool1 1x3x3 stride 1x2x2 padded, "
+        + ("2x1x1 pool after res2" if variant == "slowfast" else "no pool after res2 (nopool)")
+    )
+    if has_nonlocal(conv.state_dict):
+        conv.model_kwargs["norm"] = "batch" if nonlocal_has_bn(conv.state_dict) else None
+        if found.get("pairwise", "embedded_gaussian") != "embedded_gaussian":
+            conv.model_kwargs["pairwise"] = found["pairwise"]
+        _nl_note(conv)
     conv.notes.append("PySlowFast's head applies a softmax in eval mode; our model returns logits")
     return conv
 
 
 def convert_mmaction2(
-    source: str | os.PathLike[str] | Mapping[str, Any],
-    *,
-    pairwise: str = "embedded_gaussian",
-    scale: float | None = 1.0,
+    source: Source, *, pairwise: str | None = None, scale: float | None = 1.0
 ) -> Conversion:
     """An mmaction2 ResNet3d (I3D, optionally with mmcv NonLocal3d blocks) ``.pth`` → our layout.
 
-    The weights cannot tell the pairwise function or mmcv's ``use_scale``: its I3D non-local
-    configs use ``embedded_gaussian`` with ``use_scale=False`` (``scale=1.0``, the default here)
-    or ``dot_product``; pass the config's values.  ``scale=None`` means use_scale=True.
+    ``pairwise``: ``gaussian`` is detected (mmcv's Gaussian mode has no θ/φ convs); the weights
+    cannot tell ``embedded_gaussian`` from ``dot_product``, so for those it is required (the
+    config's ``mode``). ``scale``: mmaction2's I3D NL configs set ``use_scale=False`` (1.0, the
+    default here); ``None`` means ``use_scale=True`` (dim_inner^-1/2). Sub-sampling and the
+    conv_out BN are read from the keys.
     """
-    raw = read_state_dict(source)
-    state, fmt, ignored = to_nlnet_names(raw)
-    conv = _finish(state, fmt, ignored, "mmaction2")
+    _, raw, conv = _read(source, "mmaction2")
+    state = conv.state_dict
     conv.model_kwargs["variant"] = "mmaction2"
-    if _has_nonlocal(state):
+    if has_nonlocal(state):
+        gaussian = not any(".non_local_block.theta." in k for k in raw)
+        if gaussian:
+            if pairwise not in (None, "gaussian"):
+                raise WeightsMismatchError(
+                    f"pairwise={pairwise!r}, but the NL blocks have no theta/phi convs: they are "
+                    "mmcv's 'gaussian' mode (pass pairwise='gaussian' or nothing)",
+                    [("pairwise", ("gaussian",), pairwise)],
+                )
+            pairwise = "gaussian"
+        elif pairwise is None:
+            raise ValueError(
+                "the mmaction2 NL weights do not tell their pairwise function (embedded_gaussian "
+                "and dot_product have the same convs): pass pairwise=... in Python or --pairwise "
+                "{embedded_gaussian,dot_product} to nlnet convert (the config's non_local_cfg "
+                "mode; 'nl-dot-product' / 'nl-embedded-gaussian' in the released file names)"
+            )
         subsampled = any(".non_local_block.g.0." in k for k in raw)
         conv.model_kwargs.update(pairwise=pairwise, pool_before_conv=False)
         if not subsampled:
             conv.model_kwargs["subsample"] = False
-        if pairwise == "embedded_gaussian":
+        if pairwise != "dot_product":
             conv.model_kwargs["scale"] = scale
-        has_bn = any(re.match(r"res\d+\.nonlocal\d+\.bn\.", k) for k in state)
-        conv.model_kwargs["norm"] = "batch" if has_bn else None
+        conv.model_kwargs["norm"] = "batch" if nonlocal_has_bn(state) else None
         for k in [k for k in state if k.endswith(".out.weight") and ".nonlocal" in k]:
             bias = k[: -len("weight")] + "bias"
             if bias not in state:  # mmcv's conv_out has no bias when a norm follows it
@@ -362,49 +306,48 @@ CONVERTERS: dict[str, Callable[..., Conversion]] = {
 }
 
 
-def save_checkpoint(obj: Mapping[str, Any], dst: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace`` (atomic)."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        torch.save(dict(obj), tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert_checkpoint(
     fmt: str,
-    src: str | os.PathLike[str] | Mapping[str, Any],
+    src: Source,
     dst: str | os.PathLike[str] | None,
-    arch: str,
+    arch: str | None = None,
     *,
     classes: list[str] | tuple[str, ...] | None = None,
     preprocessing: Mapping[str, Any] | None = None,
     source: str | None = None,
     **options: Any,
 ) -> tuple[Conversion, Any, Any]:
-    """Convert ``src`` and check it against ``create_model(arch, **settings)``; write ``dst``.
+    """Convert ``src``, check it fills ``create_model(arch, **settings)`` exactly, write ``dst``.
 
-    The checkpoint must fill the model exactly: any missing, unexpected or mismatched key raises
-    ``ValueError`` naming them (nothing is silently dropped).  The file is the self-describing
-    nlnet weight file: ``{"format": "nlnet", "format_version": 1, "model", "arch",
-    "model_kwargs", "num_classes", "classes", "preprocessing", "converted_from", "source",
-    "notes"}``; ``classes`` (label names in output order) must have ``num_classes`` entries.
-    Returns the conversion, the load report and the loaded model.
+    ``fmt``: ``caffe2``, ``slowfast``, ``mmaction2`` or ``auto`` (from the keys). ``arch``:
+    the registered model name; by default inferred from the weights (:func:`infer_arch`).
+    ``options``: the converter's (``variant``, ``pairwise``, ``scale``). Any missing,
+    unexpected or mismatched key raises ``ValueError`` naming them. ``dst`` gets the
+    self-describing file of ``docs/models.md`` (written atomically). Returns the conversion,
+    the load report and the loaded model.
     """
-    from nlnet.models import create_model, load_weights
-
+    checkpoint = read_checkpoint(src)
+    if fmt == "auto":
+        fmt = detect_format(unwrap_state_dict(checkpoint))
+        if fmt not in CONVERTERS:
+            raise CheckpointFormatError(
+                f"cannot tell the layout of {src if not isinstance(src, Mapping) else 'the dict'}"
+                f" (detected {fmt!r}); pass --from one of {FORMATS}"
+            )
     if fmt not in CONVERTERS:
-        raise ValueError(f"unknown source format {fmt!r}; expected one of {FORMATS}")
-    conv = CONVERTERS[fmt](src, **options)
+        raise ValueError(f"unknown source format {fmt!r}; expected one of {FORMATS} or 'auto'")
+    conv = CONVERTERS[fmt](checkpoint, **options)
     if conv.num_classes is None:
         raise ValueError("the checkpoint has no classifier weights (head)")
+    if arch is None:
+        if conv.arch is None:
+            raise ValueError("cannot infer the arch from the weights: pass arch= (--arch)")
+        arch = conv.arch
+        conv.model_kwargs.update(conv.placement)
+    elif conv.arch is not None and conv.arch != arch and not conv.placement:
+        conv.notes.append(f"arch {arch!r} given; the weights look like {conv.arch!r}")
     model = create_model(arch, num_classes=conv.num_classes, **conv.model_kwargs)
-    report = load_weights(model, conv.state_dict)
+    report = load_weights(model, conv.state_dict, check_settings=False)
     if not report.complete or report.inflated:
         raise ValueError(
             f"the {fmt} checkpoint does not match {arch} with {conv.model_kwargs}:\n{report}"
@@ -413,65 +356,114 @@ def convert_checkpoint(
         raise ValueError(
             f"{len(classes)} class names given for a checkpoint with {conv.num_classes} classes"
         )
+    classes = None if classes is None else [str(c) for c in classes]
+    if source is None and not isinstance(src, Mapping):
+        source = os.path.basename(os.fspath(src))
     if dst is not None:
-        save_checkpoint(
-            {
-                "format": "nlnet",
-                "format_version": 1,
-                "model": model.state_dict(),
-                "arch": arch,
-                "num_classes": conv.num_classes,
-                "model_kwargs": conv.model_kwargs,
-                "classes": None if classes is None else [str(c) for c in classes],
-                "preprocessing": None if preprocessing is None else dict(preprocessing),
-                "converted_from": fmt,
-                "source": source,
-                "notes": conv.notes,
-            },
+        save_weights(
+            weights_file(
+                model.state_dict(),
+                arch=arch,
+                model_kwargs=conv.model_kwargs,
+                num_classes=conv.num_classes,
+                classes=classes,
+                preprocessing=preprocessing,
+                converted_from=fmt,
+                source=source,
+                notes=conv.notes,
+            ),
             dst,
         )
+    model.pretrained_cfg = {  # type: ignore[assignment]
+        "arch": arch,
+        "model_kwargs": dict(conv.model_kwargs),
+        "num_classes": conv.num_classes,
+        "classes": classes,
+        "preprocessing": None if preprocessing is None else dict(preprocessing),
+        "source": source,
+    }
+    conv.arch = arch
     return conv, report, model
 
 
 # -- the ``nlnet convert`` command ------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="fmt", choices=FORMATS, required=True, help="source layout")
-    parser.add_argument("src", help="source checkpoint (path or URL)")
-    parser.add_argument("dst", help="output file (nlnet layout, torch.save)")
-    parser.add_argument("--arch", required=True, help="nlnet model name, e.g. i3d_r50_nl5")
     parser.add_argument(
-        "--variant", default=None, help="caffe2 only: temporal layout (original/speed)"
+        "--from",
+        dest="fmt",
+        choices=(*FORMATS, "auto"),
+        default="auto",
+        help="source layout (default: auto, from the keys)",
+    )
+    parser.add_argument("src", help="source checkpoint (path or URL)")
+    parser.add_argument("dst", help="output file (self-describing nlnet weights, torch.save)")
+    parser.add_argument(
+        "--arch", default=None, help="nlnet model name, e.g. i3d_r50_nl5 (default: inferred)"
+    )
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="caffe2 (required) / slowfast (required unless the file's cfg names MODEL.ARCH): "
+        "temporal layout, one of original, speed, slowfast, slowfast_nopool",
     )
     parser.add_argument(
         "--pairwise",
-        default="embedded_gaussian",
-        help="mmaction2 only: the config's NL mode (embedded_gaussian or dot_product)",
+        default=None,
+        help="mmaction2 NL models (required unless gaussian): the config's NL mode "
+        "(embedded_gaussian or dot_product)",
     )
     parser.add_argument(
         "--use-scale",
         action="store_true",
         help="mmaction2 only: the config sets use_scale=True (scale dim_inner^-1/2)",
     )
+    parser.add_argument(
+        "--classes",
+        default=None,
+        help="class names stored in the file: 'kinetics400' or a text file with one per line",
+    )
+
+
+def _options(fmt: str, args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if fmt in ("caffe2", "slowfast"):
+        options["variant"] = args.variant
+    elif fmt == "mmaction2":
+        options["pairwise"] = args.pairwise
+        options["scale"] = None if args.use_scale else 1.0
+    given = {"--variant": args.variant, "--pairwise": args.pairwise}
+    for flag, value in given.items():
+        used = flag == "--variant" and fmt in ("caffe2", "slowfast")
+        used = used or (flag == "--pairwise" and fmt == "mmaction2")
+        if value is not None and not used:
+            raise ValueError(f"{flag} does not apply to {fmt} weights")
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {}
-    if args.fmt == "caffe2":
-        options["variant"] = args.variant
-    elif args.fmt == "mmaction2":
-        options["pairwise"] = args.pairwise
-        options["scale"] = None if args.use_scale else 1.0
     try:
-        conv, report, _ = convert_checkpoint(args.fmt, args.src, args.dst, args.arch, **options)
+        fmt = args.fmt
+        if fmt == "auto":
+            fmt = detect_format(unwrap_state_dict(read_checkpoint(args.src)))
+        classes = None
+        if args.classes == "kinetics400":
+            from nlnet.data.classes import kinetics400
+
+            classes = kinetics400()
+        elif args.classes is not None:
+            classes = [
+                ln.strip() for ln in Path(args.classes).read_text().splitlines() if ln.strip()
+            ]
+        conv, report, _ = convert_checkpoint(
+            fmt, args.src, args.dst, args.arch, classes=classes, **_options(fmt, args)
+        )
     except (ValueError, TypeError, FileNotFoundError, UnsafeCheckpointError) as err:
         print(f"nlnet convert: error: {err}")
         return 1
-    print(f"wrote {args.dst}: {args.arch}, {conv.num_classes} classes, {report}")
+    print(f"wrote {args.dst}: {conv.arch}, {conv.num_classes} classes, {report}")
     print(
-        "build it with: create_model("
-        + repr(args.arch)
-        + f", num_classes={conv.num_classes}"
-        + "".join(f", {k}={v!r}" for k, v in conv.model_kwargs.items())
+        f"load it with: nlnet.create_model(weights={str(args.dst)!r})  # builds {conv.arch}("
+        + ", ".join(f"{k}={v!r}" for k, v in conv.model_kwargs.items())
         + ")"
     )
     for note in conv.notes:

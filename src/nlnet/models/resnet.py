@@ -633,7 +633,14 @@ def freeze_batch_norm(model: nn.Module, *, include_nonlocal: bool = False) -> nn
     """Replace every backbone BatchNorm by its folded :class:`FrozenBatchNorm`, in place.
 
     The original code's conversion to "affine" models before 128-frame fine-tuning (§4.1,
-    reference §5.4).  NL blocks' BN are kept unless ``include_nonlocal``.
+    reference §5.4).  NL blocks' BN are kept (trainable) unless ``include_nonlocal``: a frozen
+    NL BN whose γ is still 0 would keep every gradient of the block at exactly zero.
+
+    This is nlnet's one frozen-BN mechanism: the builders' ``freeze_bn=True`` creates the same
+    :class:`FrozenBatchNorm` layers directly, :func:`nlnet.models.load_weights` folds BN
+    statistics into them, and the engine's ``model.freeze_bn`` calls this function for models
+    whose builder does not freeze by itself. A FrozenBatchNorm has no parameters and no
+    train/eval behaviour, so nothing needs re-freezing after ``model.train()``.
     """
     skip = (
         set()
@@ -646,4 +653,7 @@ def freeze_batch_norm(model: nn.Module, *, include_nonlocal: bool = False) -> nn
                 setattr(module, child_name, FrozenBatchNorm.from_batch_norm(child))
     if isinstance(model, VideoResNet):
         model.freeze_bn = True
+    settings = getattr(model, "settings", None)
+    if isinstance(settings, dict):
+        settings["freeze_bn"] = True
     return model

@@ -1,8 +1,8 @@
-"""Weights in: reading checkpoints safely, 2D→3D inflation (§4), and loading with a full report.
+"""Weights into a model: 2D→3D inflation (§4), BN folding, the settings check, a full report.
 
-* :func:`read_state_dict` reads a path, URL or in-memory dict: torch files always with
-  ``weights_only=True``; Caffe2 pickles only through :class:`RestrictedUnpickler`, which rebuilds
-  numpy arrays and plain containers and refuses every other object.
+Reading files (container sniffing, the restricted unpickler, URLs) is :mod:`nlnet.models.io`;
+renaming foreign layouts is :mod:`nlnet.models.layouts`.
+
 * :func:`load_weights` maps any recognised layout (ours, torchvision's 2D ResNet, the original
   Caffe2 release, PySlowFast, mmaction2) onto our names, inflates 2D kernels (repeat over time,
   divide by T: a static clip then gives the 2D network's output), folds BN statistics into
@@ -11,118 +11,44 @@
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nlnet.models.resnet import FrozenBatchNorm, nonlocal_blocks
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A pickle asked for an object other than numpy arrays and plain containers."""
-
-
-# (module, name) pairs a Caffe2 blob pickle legitimately needs: numpy array/scalar rebuilders
-# (numpy ≥ 2 spells the module ``numpy._core``) and OrderedDict.  Nothing here can run code.
-_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("collections", "OrderedDict"),
-        ("_codecs", "encode"),
-    }
+from nlnet.models import settings as _settings
+from nlnet.models.io import (
+    CheckpointFormatError,
+    RestrictedUnpickler,
+    UnsafeCheckpointError,
+    checkpoint_metadata,
+    read_checkpoint,
+    read_pickle,
+    read_state_dict,
+    to_tensor,
+    unwrap_state_dict,
 )
+from nlnet.models.layouts import has_nonlocal, implied_settings, to_nlnet_names
+from nlnet.models.resnet import FrozenBatchNorm, nonlocal_blocks
+from nlnet.models.settings import WeightsMismatchError
 
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that only rebuilds numpy arrays, dtypes and plain containers."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise UnsafeCheckpointError(
-            f"refusing to load {module}.{name} from a pickle: only numpy arrays and plain "
-            f"containers are allowed in a weight file (it may be malicious or not a checkpoint)"
-        )
-
-
-def read_pickle(path: str | os.PathLike[str] | bytes) -> Any:
-    """Read a (Python 2 or 3) pickle of numpy arrays with :class:`RestrictedUnpickler`."""
-    data = path if isinstance(path, bytes) else Path(path).read_bytes()
-    return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-
-
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
-def _fetch(url: str) -> Path:
-    """Download ``url`` into torch hub's cache once (with a progress bar) and return the path."""
-    from urllib.parse import urlparse
-
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    cache.mkdir(parents=True, exist_ok=True)
-    dst = cache / os.path.basename(urlparse(url).path)
-    if not dst.exists():
-        torch.hub.download_url_to_file(url, str(dst), progress=True)
-    return dst
-
-
-def _unwrap(obj: Any) -> dict[str, Any]:
-    """The state dict inside a checkpoint dict (``model``, ``state_dict``, ``model_state``, ``blobs``)."""
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"a checkpoint must hold a dict of tensors, got {type(obj).__name__}")
-    for key in ("model", "state_dict", "model_state", "blobs"):
-        inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner:
-            return dict(inner)
-    return dict(obj)
-
-
-def read_state_dict(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """The raw ``{name: tensor or array}`` of a checkpoint path, URL or dict (no renaming).
-
-    ``.pkl`` files are Caffe2 pickles (read with the restricted unpickler); anything else goes
-    through ``torch.load(weights_only=True)``.
-    """
-    if isinstance(source, Mapping):
-        return _unwrap(source)
-    text = os.fspath(source)
-    path = _fetch(text) if _is_url(text) else Path(text)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {text}")
-    if path.suffix in (".pkl", ".pickle"):
-        return _unwrap(read_pickle(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            f"{path} is not a plain tensor checkpoint (torch.load with weights_only=True "
-            f"refused it): {err}"
-        ) from err
-    return _unwrap(obj)
-
-
-def to_tensor(value: Any, name: str) -> Tensor:
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise TypeError(f"{name}: object arrays are not weights")
-        return torch.from_numpy(np.ascontiguousarray(value))
-    raise TypeError(f"{name}: expected a tensor or numpy array, got {type(value).__name__}")
+__all__ = [
+    "CheckpointFormatError",
+    "LoadReport",
+    "RestrictedUnpickler",
+    "UnsafeCheckpointError",
+    "WeightsMismatchError",
+    "check_weights_settings",
+    "inflate_weight",
+    "load_weights",
+    "read_pickle",
+    "read_state_dict",
+    "to_tensor",
+    "weights_settings",
+]
 
 
 @dataclass
@@ -194,27 +120,98 @@ def _can_inflate(src: Tensor, dst: Tensor) -> bool:
     )
 
 
+def weights_settings(
+    checkpoint: Mapping[str, Any], raw: Mapping[str, Any], state: Mapping[str, Any], fmt: str
+) -> tuple[dict[str, tuple[Any, ...]], str]:
+    """``({setting: allowed values}, why)`` for a checkpoint: its stored ``model_kwargs`` when it
+    is self-describing, else what its layout implies (:func:`~nlnet.models.layouts.implied_settings`)."""
+    meta = checkpoint_metadata(checkpoint)
+    if meta is not None:
+        arch = meta.get("arch") or ""
+        temporal = "i3d" if arch.startswith("i3d") else "c2d" if arch.startswith("c2d") else None
+        resolved = _settings.resolve(meta["model_kwargs"], temporal)
+        if temporal is None and "inflate" not in meta["model_kwargs"]:
+            resolved.pop("inflate")
+        if arch and not arch.startswith(("c2d", "i3d")):
+            return {}, ""  # another family (demo models): its own kwargs
+        return {k: (v,) for k, v in resolved.items()}, f" (stored in the file, arch {arch!r})"
+    return implied_settings(fmt, raw, state, checkpoint), f" (implied by its {fmt} layout)"
+
+
+def _describe(source: Any) -> str:
+    return "(a state dict)" if isinstance(source, Mapping) else repr(os.fspath(source))
+
+
+def _check(
+    model: nn.Module,
+    checkpoint: Mapping[str, Any],
+    raw: Mapping[str, Any],
+    state: Mapping[str, Any],
+    fmt: str,
+    source: str,
+) -> None:
+    model_settings = getattr(model, "settings", None)
+    if not isinstance(model_settings, Mapping):
+        return
+    wanted, why = weights_settings(checkpoint, raw, state, fmt)
+    _settings.check_settings(
+        model_settings,
+        wanted,
+        source=source,
+        model_has_nonlocal=bool(nonlocal_blocks(model)),
+        weights_have_nonlocal=has_nonlocal(state),
+        why=why,
+    )
+
+
+def check_weights_settings(
+    model: nn.Module, source: str | os.PathLike[str] | Mapping[str, Any]
+) -> None:
+    """Raise :class:`~nlnet.models.settings.WeightsMismatchError` when the weights of ``source``
+    (a path or a checkpoint dict) were made for other settings than ``model.settings``."""
+    checkpoint = read_checkpoint(source)
+    raw = unwrap_state_dict(checkpoint)
+    state, fmt, _ = to_nlnet_names(raw)
+    _check(model, checkpoint, raw, state, fmt, _describe(source))
+
+
 def load_weights(
     model: nn.Module,
     source: str | os.PathLike[str] | Mapping[str, Any],
     *,
     strict: bool = False,
+    check_settings: bool = True,
 ) -> LoadReport:
     """Load a checkpoint into ``model`` and report what happened to every key.
 
-    ``source``: a path, URL or state dict in our layout, a torchvision 2D ResNet, or one of the
-    layouts :mod:`nlnet.models.convert` recognises (Caffe2, PySlowFast, mmaction2).  2D kernels
-    are inflated; BN statistics are folded into :class:`FrozenBatchNorm` layers; a checkpoint
-    without non-local blocks leaves the model's NL blocks at their identity init (the paper's
-    fine-tuning path), which the report says.  Shape mismatches (e.g. a 1000-class fc) keep the
-    model's init.  ``strict=True`` raises ``ValueError`` on any missing, unexpected or mismatched
-    key (NL blocks left at identity are allowed: that is the documented fine-tuning path).
-    """
-    from nlnet.models.convert import to_nlnet_names
+    ``source``: a path, URL or (checkpoint or state) dict in our layout, a torchvision 2D ResNet,
+    or one of the layouts :mod:`nlnet.models.layouts` recognises (Caffe2, PySlowFast, mmaction2).
+    2D kernels are inflated; BN statistics are folded into :class:`FrozenBatchNorm` layers; a
+    checkpoint without non-local blocks leaves the model's NL blocks at their identity init (the
+    paper's fine-tuning path), which the report says.  Shape mismatches (e.g. a 1000-class fc)
+    keep the model's init.  ``strict=True`` raises ``ValueError`` on any missing, unexpected or
+    mismatched key (NL blocks left at identity are allowed: that is the documented fine-tuning
+    path).
 
-    raw = read_state_dict(source)
+    Settings: when ``model`` knows its settings (``model.settings``, set by the video ResNet
+    builders) and the weights name or imply others (variant, pairwise, scale, ...), this raises
+    :class:`~nlnet.models.settings.WeightsMismatchError` naming each one, unless
+    ``check_settings=False`` (e.g. initialising a training run from another layout on purpose).
+    """
+    checkpoint = read_checkpoint(source)
+    raw = unwrap_state_dict(checkpoint)
     state, fmt, ignored = to_nlnet_names(raw)
+    if check_settings:
+        _check(model, checkpoint, raw, state, fmt, _describe(source))
     report = LoadReport(source_format=fmt, ignored=ignored)
+    implied = implied_settings(fmt, raw, state, checkpoint)
+    if implied:
+        report.notes.append(
+            f"the {fmt} layout implies "
+            + ", ".join(
+                f"{k}={v[0]!r}" if len(v) == 1 else f"{k} in {list(v)}" for k, v in implied.items()
+            )
+        )
     used: set[str] = set()
     target = model.state_dict()
     frozen = {n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm)}

@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from nlnet.models.registry import register_model
 from nlnet.models.resnet import PoolSpec, VideoResNet, stage_name
+from nlnet.models.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "pool1": ((1, 3, 3), (1, 2, 2), (0, 1, 1)),
         "pool2": ((2, 1, 1), (2, 1, 1), (0, 0, 0)),
     },
-    # PySlowFast's C2D_NOPOOL 8×8 (Kinetics/c2/C2D_NOPOOL_8x8_R50): no temporal pool after res2.
+    # PySlowFast's c2d_nopool / i3d_nopool archs (C2D_NOPOOL_8x8_R50): no pool after res2.
     "slowfast_nopool": {
         "stem_t_stride": 1,
         "pool1": ((1, 3, 3), (1, 2, 2), (0, 1, 1)),
@@ -149,7 +149,10 @@ def build_video_resnet(
             kernel inflated in every other block; §2.2 of the reference).
         nonlocal_blocks: 0, 1, 5, 10 (see :func:`nonlocal_placement`) or ``{stage: [indices]}``.
         variant: temporal layout, one of :data:`VARIANTS` (``original``: the code's 2×3×3 /
-            2×1×1 pools; ``paper``: Table 1's 3×3×3 / 3×1×1; ``speed``: the 8×8 models).
+            2×1×1 pools; ``paper``: Table 1's 3×3×3 / 3×1×1; ``speed``: the 8×8 models;
+            ``slowfast`` / ``slowfast_nopool``: PySlowFast's c2d, i3d / c2d_nopool, i3d_nopool
+            archs; ``mmaction2``). Recorded with the other non-shape settings in
+            ``model.settings``, which loading checks (:mod:`nlnet.models.settings`).
         inflate: ``"3x1x1"`` (default for I3D) or ``"3x3x3"`` (Table 2e); I3D only.
         pairwise, extent, norm, scale, pool_before_conv, subsample, backend: passed to every
             :class:`~nlnet.block.NonLocalBlock` (Table 2a, 2d).  ``norm`` defaults to ``None``
@@ -212,7 +215,7 @@ def build_video_resnet(
 
     layout = LAYOUTS[variant]
     pool1: PoolSpec = layout["pool1"]
-    pool2: PoolSpec = layout["pool2"]
+    pool2: PoolSpec | None = layout["pool2"]
     model = VideoResNet(
         stage_blocks=blocks,
         stage_widths=WIDTHS,
@@ -234,9 +237,25 @@ def build_video_resnet(
         device=device,
         dtype=dtype,
     )
+    # The settings that change the computation without changing a shape (checked on load).
+    model.settings = {  # type: ignore[assignment]
+        "variant": variant,
+        "inflate": inflate if temporal == "i3d" else None,
+        "pairwise": pairwise,
+        "extent": extent,
+        "temporal_groups": temporal_groups,
+        "norm": norm,
+        "scale": scale,
+        "pool_before_conv": pool_before_conv,
+        "subsample": subsample,
+        "freeze_bn": freeze_bn,
+        "nonlocal_blocks": nonlocal_blocks,
+        "nonlocal_stage": nonlocal_stage,
+        "dropout": dropout,
+        "backend": backend,
+        "zero_init_residual": zero_init_residual,
+    }
     if pretrained is not None:
-        from nlnet.models.weights import load_weights
-
         report = load_weights(model, pretrained)
         log.info("loaded pretrained weights: %s", report)
         model.load_report = report  # type: ignore[assignment]
@@ -266,30 +285,118 @@ _BUILDER_KWARGS = (
 )
 
 
-def _register(name: str, depth: int, temporal: str, count: int) -> None:
-    def builder(num_classes: int = 400, **kwargs: Any) -> nn.Module:
-        unknown = sorted(set(kwargs) - set(_BUILDER_KWARGS))
-        if unknown:
-            raise TypeError(
-                f"{name}() got unknown keyword argument(s) {unknown}; "
-                f"accepted: num_classes, {', '.join(_BUILDER_KWARGS)}"
-            )
-        if kwargs.get("freeze_bn") and "norm" not in kwargs:
-            kwargs["norm"] = None  # the original affine models' NL blocks have no BN
-        kwargs.setdefault("nonlocal_blocks", count)
-        return build_video_resnet(depth=depth, temporal=temporal, num_classes=num_classes, **kwargs)
-
-    nl = f"NL {temporal.upper()}" if count else temporal.upper()
-    builder.__name__ = name
-    builder.__doc__ = (
-        f"{nl} ResNet-{depth} with {count} non-local blocks (§4, Table 2); kwargs of "
-        f":func:`nlnet.models.zoo.build_video_resnet`."
-    )
-    register_model(name)(builder)
+def _build(
+    name: str, depth: int, temporal: str, count: int, num_classes: int, kwargs: dict[str, Any]
+) -> VideoResNet:
+    unknown = sorted(set(kwargs) - set(_BUILDER_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"{name}() got unknown keyword argument(s) {unknown}; "
+            f"accepted: num_classes, {', '.join(_BUILDER_KWARGS)}"
+        )
+    if kwargs.get("freeze_bn") and "norm" not in kwargs:
+        kwargs["norm"] = None  # the original affine models' NL blocks have no BN
+    kwargs.setdefault("nonlocal_blocks", count)
+    return build_video_resnet(depth=depth, temporal=temporal, num_classes=num_classes, **kwargs)
 
 
-for _depth in (50, 101):
-    for _temporal in ("c2d", "i3d"):
-        for _count in (0, 1, 5, 10):
-            _suffix = f"_nl{_count}" if _count else ""
-            _register(f"{_temporal}_r{_depth}{_suffix}", _depth, _temporal, _count)
+# -- the registered models (§4, Table 2): C2D / I3D, ResNet-50 / 101, 0 / 1 / 5 / 10 NL blocks --
+# Every builder takes the keyword arguments of build_video_resnet (variant, inflate, pairwise,
+# extent, temporal_groups, norm, scale, pool_before_conv, subsample, backend, freeze_bn, dropout,
+# nonlocal_stage, nonlocal_blocks, zero_init_residual, pretrained, device, dtype).
+
+
+@register_model("c2d_r50")
+def c2d_r50(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """C2D ResNet-50 baseline (Table 1)."""
+    return _build("c2d_r50", 50, "c2d", 0, num_classes, kwargs)
+
+
+@register_model("c2d_r50_nl1")
+def c2d_r50_nl1(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """C2D ResNet-50 with 1 non-local block (res4, before its last block; Table 2a-b)."""
+    return _build("c2d_r50_nl1", 50, "c2d", 1, num_classes, kwargs)
+
+
+@register_model("c2d_r50_nl5")
+def c2d_r50_nl5(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """C2D ResNet-50 with 5 non-local blocks (res3: 2, res4: 3; Table 2c)."""
+    return _build("c2d_r50_nl5", 50, "c2d", 5, num_classes, kwargs)
+
+
+@register_model("c2d_r50_nl10")
+def c2d_r50_nl10(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """C2D ResNet-50 with 10 non-local blocks (every res3/res4 block; Table 2c)."""
+    return _build("c2d_r50_nl10", 50, "c2d", 10, num_classes, kwargs)
+
+
+@register_model("i3d_r50")
+def i3d_r50(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """I3D ResNet-50 baseline (§4, inflated 3x1x1 kernels in every other block)."""
+    return _build("i3d_r50", 50, "i3d", 0, num_classes, kwargs)
+
+
+@register_model("i3d_r50_nl1")
+def i3d_r50_nl1(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """I3D ResNet-50 with 1 non-local block."""
+    return _build("i3d_r50_nl1", 50, "i3d", 1, num_classes, kwargs)
+
+
+@register_model("i3d_r50_nl5")
+def i3d_r50_nl5(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """I3D ResNet-50 with 5 non-local blocks: the paper's NL I3D (Table 2d, 3)."""
+    return _build("i3d_r50_nl5", 50, "i3d", 5, num_classes, kwargs)
+
+
+@register_model("i3d_r50_nl10")
+def i3d_r50_nl10(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """I3D ResNet-50 with 10 non-local blocks."""
+    return _build("i3d_r50_nl10", 50, "i3d", 10, num_classes, kwargs)
+
+
+@register_model("c2d_r101")
+def c2d_r101(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """C2D ResNet-101 baseline (Table 2c, 2e)."""
+    return _build("c2d_r101", 101, "c2d", 0, num_classes, kwargs)
+
+
+@register_model("c2d_r101_nl1")
+def c2d_r101_nl1(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """C2D ResNet-101 with 1 non-local block."""
+    return _build("c2d_r101_nl1", 101, "c2d", 1, num_classes, kwargs)
+
+
+@register_model("c2d_r101_nl5")
+def c2d_r101_nl5(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """C2D ResNet-101 with 5 non-local blocks (res3 1, 3; res4 6, 13, 20)."""
+    return _build("c2d_r101_nl5", 101, "c2d", 5, num_classes, kwargs)
+
+
+@register_model("c2d_r101_nl10")
+def c2d_r101_nl10(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """C2D ResNet-101 with 10 non-local blocks."""
+    return _build("c2d_r101_nl10", 101, "c2d", 10, num_classes, kwargs)
+
+
+@register_model("i3d_r101")
+def i3d_r101(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """I3D ResNet-101 baseline (Table 3)."""
+    return _build("i3d_r101", 101, "i3d", 0, num_classes, kwargs)
+
+
+@register_model("i3d_r101_nl1")
+def i3d_r101_nl1(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """I3D ResNet-101 with 1 non-local block."""
+    return _build("i3d_r101_nl1", 101, "i3d", 1, num_classes, kwargs)
+
+
+@register_model("i3d_r101_nl5")
+def i3d_r101_nl5(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """I3D ResNet-101 with 5 non-local blocks (Table 3's NL I3D R101)."""
+    return _build("i3d_r101_nl5", 101, "i3d", 5, num_classes, kwargs)
+
+
+@register_model("i3d_r101_nl10")
+def i3d_r101_nl10(num_classes: int = 400, **kwargs: Any) -> VideoResNet:
+    """I3D ResNet-101 with 10 non-local blocks."""
+    return _build("i3d_r101_nl10", 101, "i3d", 10, num_classes, kwargs)
