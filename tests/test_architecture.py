@@ -147,21 +147,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
     return found
 
 
-# The models modules owned by the parallel "weights" branch, whose cycles it removes
-# (models/weights.py <-> models/convert.py through a lazy import; models/registry.py importing its
-# own package nlnet.models): a cycle lying wholly among them is checked by the xfail test below.
-WEIGHTS_BRANCH = frozenset(
-    {
-        "nlnet.models",
-        "nlnet.models.convert",
-        "nlnet.models.demo",
-        "nlnet.models.registry",
-        "nlnet.models.weights",
-        "nlnet.models.zoo",
-    }
-)
-
-
 def test_graph_sees_lazy_imports() -> None:
     graph = import_graph()
     # nlnet.models.flops imports create_model inside paper_cost_table (function level).
@@ -183,17 +168,8 @@ def test_no_upward_import() -> None:
 
 
 def test_no_import_cycle() -> None:
-    cycles = [sorted(c) for c in _cycles(import_graph()) if not c <= WEIGHTS_BRANCH]
+    cycles = [sorted(c) for c in _cycles(import_graph())]
     assert not cycles, f"import cycles: {cycles}"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="models/weights.py <-> models/convert.py and models/registry.py -> nlnet.models are "
-    "helper 'weights''s files; drop this mark once that branch is merged",
-)
-def test_weights_branch_cycles_are_gone() -> None:
-    assert not [sorted(c) for c in _cycles(import_graph())]
 
 
 def test_cycle_finder_finds_a_cycle() -> None:

@@ -360,14 +360,22 @@ def test_frozen_bn_keeps_the_nonlocal_bn_trainable() -> None:
         assert float(grads[name].abs().sum()) > 0, name
 
 
-def test_a_weights_name_goes_to_the_hub_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
+def test_a_weights_name_goes_to_the_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from nlnet.models import hub
 
-    monkeypatch.setitem(sys.modules, "nlnet.models.hub", None)  # as if it were not installed
-    with pytest.raises(ValueError, match=r"nlnet\.models\.hub"):
+    seen = []
+
+    def fake_resolve(spec: str, **kwargs: object) -> Path:
+        seen.append(spec)
+        raise hub.OfflineError(f"{spec} is not cached")
+
+    monkeypatch.setattr(hub, "resolve_weights", fake_resolve)
+    with pytest.raises(hub.OfflineError, match="not cached"):
         create_model(weights="i3d_r50_nl5.orig_32x2_k400")
+    assert seen == ["i3d_r50_nl5.orig_32x2_k400"]
     with pytest.raises(FileNotFoundError):
         create_model(weights="some/dir/missing.pth")
+    assert seen == ["i3d_r50_nl5.orig_32x2_k400"]  # a path is never taken for a name
 
 
 def test_every_registered_model_is_a_visible_function() -> None:

@@ -29,7 +29,6 @@ The same reading and batching serve ``nlnet extract-features`` (:mod:`nlnet.feat
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import queue
@@ -399,56 +398,12 @@ def infer_video(
 
 # -- loading the model ------------------------------------------------------------------------
 def _load(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """The network ``weights`` describes and its ``pretrained_cfg`` (arch, classes, ...).
-
-    Uses ``nlnet.create_model(weights=...)`` (paths, URLs, released-weights names).  Until that
-    API exists on this branch, it reads a self-describing nlnet file directly
-    (:func:`_load_self_describing`).
-    """
+    """The network ``weights`` describes and its ``pretrained_cfg`` (arch, classes, ...), through
+    :func:`nlnet.create_model` (paths, URLs, released-weights names)."""
     from nlnet.models import create_model
 
-    if "weights" in inspect.signature(create_model).parameters:
-        model = create_model(weights=weights)
-        return model, dict(getattr(model, "pretrained_cfg", None) or {})
-    return _load_self_describing(weights)  # pragma: no cover - removed at merge
-
-
-def _load_self_describing(weights: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """Fallback: a ``torch.save``d dict with model, arch, model_kwargs, num_classes (+ classes,
-    preprocessing); read with ``weights_only=True``, loaded strictly."""
-    from nlnet.models import create_model
-
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping) or "model" not in obj or "arch" not in obj:
-        raise ValueError(
-            f"{path} is not a self-describing nlnet weight file (it needs 'model' and 'arch' "
-            f"entries; `nlnet convert` writes one)"
-        )
-    num_classes = obj.get("num_classes")
-    if num_classes is None:
-        num_classes = int(obj["model"][_classifier_bias_key(obj["model"])].shape[0])
-    model = create_model(
-        obj["arch"], num_classes=int(num_classes), **dict(obj.get("model_kwargs") or {})
-    )
-    model.load_state_dict(obj["model"])
-    cfg = {
-        k: obj.get(k)
-        for k in ("arch", "model_kwargs", "num_classes", "classes", "preprocessing", "source")
-    }
-    cfg["converted_from"] = obj.get("converted_from")
-    cfg["num_classes"] = int(num_classes)
-    model.pretrained_cfg = cfg  # type: ignore[assignment]
-    return model, cfg
-
-
-def _classifier_bias_key(state: Mapping[str, Any]) -> str:
-    for key in ("head.fc.bias", "fc.bias"):
-        if key in state:
-            return key
-    raise ValueError("the weight file names no num_classes and has no classifier bias")
+    model = create_model(weights=weights)
+    return model, dict(getattr(model, "pretrained_cfg", None) or {})
 
 
 TEST_HEAD_CHOICES = ("auto", "global", "fully_conv")

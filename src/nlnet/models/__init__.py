@@ -4,8 +4,9 @@ from nlnet.models import (
     demo,  # noqa: F401  (registers demo_c2d, demo_c2d_nl, demo_i3d)
     zoo,  # noqa: F401  (registers the paper's models)
 )
+from nlnet.models.factory import create_model
 from nlnet.models.io import CheckpointFormatError, UnsafeCheckpointError, read_checkpoint
-from nlnet.models.registry import create_model, list_models, register_model
+from nlnet.models.registry import list_models, register_model
 from nlnet.models.resnet import (
     TEST_HEADS,
     BasicBlock,

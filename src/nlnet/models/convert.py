@@ -51,7 +51,7 @@ from nlnet.models.layouts import (
     slowfast_config,
     to_nlnet_names,
 )
-from nlnet.models.registry import create_model
+from nlnet.models.registry import get_model_builder
 from nlnet.models.settings import WeightsMismatchError
 from nlnet.models.weights import load_weights
 from nlnet.models.zoo import DEPTHS, nonlocal_placement
@@ -346,7 +346,7 @@ def convert_checkpoint(
         conv.model_kwargs.update(conv.placement)
     elif conv.arch is not None and conv.arch != arch and not conv.placement:
         conv.notes.append(f"arch {arch!r} given; the weights look like {conv.arch!r}")
-    model = create_model(arch, num_classes=conv.num_classes, **conv.model_kwargs)
+    model = get_model_builder(arch)(num_classes=conv.num_classes, **conv.model_kwargs)
     report = load_weights(model, conv.state_dict, check_settings=False)
     if not report.complete or report.inflated:
         raise ValueError(
