@@ -230,7 +230,10 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
     if info.is_frame_folder:
         return _read_frame_folder(info, indices)
     wanted = sorted(set(int(i) for i in indices))
+    from av.video.reformatter import VideoReformatter
+
     got: dict[int, np.ndarray] = {}
+    reformatter = VideoReformatter()
     container = _open(info.path)
     try:
         stream = container.streams.video[0]
@@ -241,7 +244,9 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
             # few frames (B-frames): if the seek lands after the run's first frame, seek again
             # from earlier, and as a last resort from the start.
             for back in (2, 32, run[0]):
-                if _decode_run(container, stream, info, run, max(0, run[0] - back), got):
+                if _decode_run(
+                    container, stream, info, run, max(0, run[0] - back), got, reformatter
+                ):
                     break
     finally:
         container.close()
@@ -285,35 +290,65 @@ def decode_all_frames(path: str | os.PathLike[str], *, threads: int = 1) -> np.n
     return np.stack([f for _, f in frames])
 
 
-def _decode_run(container, stream, info: VideoInfo, run: list[int], seek_index: int, got) -> bool:
-    """Decode the frames ``run`` after seeking to frame ``seek_index``; False if it seeked too far."""
+def _decode_run(
+    container, stream, info: VideoInfo, run: list[int], seek_index: int, got, reformatter
+) -> bool:
+    """Decode the frames ``run`` after seeking to frame ``seek_index``; False if it seeked too far.
+
+    Packets of frames the run does not use are decoded only if other frames reference them
+    (``skip_frame="NONREF"`` otherwise).  Once every needed frame's packet has been sent, the
+    decoder is drained instead of decoding the packets that follow (with B-frames a decoder
+    holds back a few frames; draining releases them without decoding anything more).
+    """
     first_pts, last_pts = info.pts[run[0]], info.pts[run[-1]]
     need = {info.pts[i]: i for i in run}
+    unsent = set(need)
     ctx = stream.codec_context
     container.seek(info.pts[seek_index], stream=stream, backward=True, any_frame=False)
     ctx.flush_buffers()
     first_seen: int | None = None
+
+    def take(frames) -> bool | None:
+        """Keep the needed ``frames``; None if the seek landed too late, else True when done."""
+        nonlocal first_seen
+        done = False
+        for frame in frames:
+            p = frame.pts
+            if p is None:
+                continue
+            if first_seen is None:
+                first_seen = p
+                if p > first_pts and seek_index > 0:
+                    return None
+            i = need.get(p)
+            if i is not None and i not in got:
+                # One converter for the whole clip: the same conversion as
+                # frame.to_ndarray(format="rgb24"), without building a scaler per frame.
+                got[i] = reformatter.reformat(frame, format="rgb24").to_ndarray()
+            done = done or p >= last_pts
+        return done
+
     try:
         for packet in container.demux(stream):
             # A frame the clip does not use and no other frame references need not be decoded
             # (before the run, and between the frames of a sampling rate > 1).
-            unused = packet.pts is not None and packet.pts not in need
+            pts = packet.pts
+            unused = pts is not None and pts not in need
             ctx.skip_frame = "NONREF" if unused else "DEFAULT"
-            done = False
-            for frame in packet.decode():
-                p = frame.pts
-                if p is None:
-                    continue
-                if first_seen is None:
-                    first_seen = p
-                    if p > first_pts and seek_index > 0:
-                        return False
-                i = need.get(p)
-                if i is not None and i not in got:
-                    got[i] = frame.to_ndarray(format="rgb24")
-                done = done or p >= last_pts
+            done = take(packet.decode())
+            if done is None:
+                return False
             if done:
                 break
+            if not unused and pts is not None:
+                unsent.discard(pts)
+                if not unsent:
+                    # Every needed frame is in the decoder: drain it rather than demuxing and
+                    # decoding the frames after the run.  (The next seek flushes the decoder.)
+                    ctx.skip_frame = "DEFAULT"
+                    if take(ctx.decode(None)) is None:
+                        return False
+                    break
     except Exception as e:
         raise VideoDecodeError(f"{info.path}: decoding failed ({type(e).__name__}: {e})") from e
     finally:
