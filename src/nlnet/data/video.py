@@ -324,7 +324,7 @@ def _decode_run(
             if i is not None and i not in got:
                 # One converter for the whole clip: the same conversion as
                 # frame.to_ndarray(format="rgb24"), without building a scaler per frame.
-                got[i] = reformatter.reformat(frame, format="rgb24").to_ndarray()
+                got[i] = reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
             done = done or p >= last_pts
         return done
 
