@@ -1,9 +1,14 @@
 """Decoding only the frames a clip needs (§4.1; the original code's decoder is §5.6).
 
 The original Caffe2 op decodes *every* frame of a video at its native rate and then keeps 32 of
-them.  Here a clip is read by seeking to the key frame before its first frame and stopping after
-its last one; frames in between that no other frame references (and that the clip does not use)
-are skipped by the codec, and only the kept frames are converted to RGB.
+them.  Here a clip is read by seeking once to the key frame before its first frame and decoding
+forward: frames that no other frame references (and that the clip does not use) are skipped by
+the codec, the decoder is drained as soon as the clip's last frame has been sent to it, and only
+the kept frames are converted to RGB, by one converter for the whole clip.  The frames are
+identical, pixel for pixel, to decoding every frame with ``frame.to_ndarray(format="rgb24")``
+(:func:`decode_all_frames`; ``tests/test_data_decode.py``).  Decoding needs the reference frames
+from that key frame on, so with x264's default key-frame interval (250 frames) most of the work
+is decoding the references before the clip.
 
 Frame numbering
 ---------------
@@ -220,7 +225,9 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
     Returns a ``(len(indices), H, W, 3)`` uint8 RGB array in the order of ``indices``.  For each
     run of nearby needed frames it seeks to the key frame at or before the run's first frame and
     stops decoding after its last one; unneeded frames that no other frame references are
-    skipped by the codec (``skip_frame="NONREF"``), and only needed frames are converted to RGB.  ``threads`` > 1 lets FFmpeg decode with several threads.
+    skipped by the codec (``skip_frame="NONREF"``), and only needed frames are converted to RGB.
+    ``threads`` > 1 lets FFmpeg decode with several threads (frame threading, same frames);
+    with as many DataLoader workers as cores keep 1: the threads would only compete for them.
     """
     if not len(indices):
         raise ValueError("decode_frames needs at least one frame index")
