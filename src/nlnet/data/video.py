@@ -237,10 +237,8 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
     if info.is_frame_folder:
         return _read_frame_folder(info, indices)
     wanted = sorted(set(int(i) for i in indices))
-    from av.video.reformatter import VideoReformatter
-
     got: dict[int, np.ndarray] = {}
-    reformatter = VideoReformatter()
+    to_rgb = _RGBConverter()
     container = _open(info.path)
     try:
         stream = container.streams.video[0]
@@ -251,9 +249,7 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
             # few frames (B-frames): if the seek lands after the run's first frame, seek again
             # from earlier, and as a last resort from the start.
             for back in (2, 32, run[0]):
-                if _decode_run(
-                    container, stream, info, run, max(0, run[0] - back), got, reformatter
-                ):
+                if _decode_run(container, stream, info, run, max(0, run[0] - back), got, to_rgb):
                     break
     finally:
         container.close()
@@ -297,8 +293,32 @@ def decode_all_frames(path: str | os.PathLike[str], *, threads: int = 1) -> np.n
     return np.stack([f for _, f in frames])
 
 
+class _RGBConverter:
+    """``frame.to_ndarray(format="rgb24")`` with one swscale context for every frame of a clip.
+
+    ``VideoFrame.to_ndarray(format=...)`` builds a new converter for each frame (PyAV keeps it on
+    the frame); reusing one gives the same pixels without setting up a scaler 32 times.  One
+    scaler thread: decoding runs in DataLoader workers that already use every core.
+    """
+
+    def __init__(self) -> None:
+        from av.video.reformatter import VideoReformatter
+
+        self._reformatter = VideoReformatter()
+        self._kwargs: dict[str, object] = {"format": "rgb24", "threads": 1}
+
+    def __call__(self, frame) -> np.ndarray:
+        try:
+            return self._reformatter.reformat(frame, **self._kwargs).to_ndarray()
+        except TypeError:  # PyAV < 14: no ``threads`` argument
+            if "threads" not in self._kwargs:
+                raise
+            self._kwargs = {"format": "rgb24"}
+            return self._reformatter.reformat(frame, **self._kwargs).to_ndarray()
+
+
 def _decode_run(
-    container, stream, info: VideoInfo, run: list[int], seek_index: int, got, reformatter
+    container, stream, info: VideoInfo, run: list[int], seek_index: int, got, to_rgb
 ) -> bool:
     """Decode the frames ``run`` after seeking to frame ``seek_index``; False if it seeked too far.
 
@@ -329,9 +349,7 @@ def _decode_run(
                     return None
             i = need.get(p)
             if i is not None and i not in got:
-                # One converter for the whole clip: the same conversion as
-                # frame.to_ndarray(format="rgb24"), without building a scaler per frame.
-                got[i] = reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                got[i] = to_rgb(frame)
             done = done or p >= last_pts
         return done
 
