@@ -79,7 +79,9 @@ class Timed(torch.utils.data.Dataset):
         else:
             out = self.ds[i]["clip"]
         info = torch.utils.data.get_worker_info()
-        return out, (info.id if info else -1), t, time.process_time() - t
+        # one small tensor for the three numbers: each tensor of a batch is its own hand-over
+        stamp = [info.id if info else -1, t, time.process_time() - t]
+        return out, torch.tensor(stamp, dtype=torch.float64)
 
 
 def _self_cpu() -> float:
@@ -107,9 +109,10 @@ def measure(loader: DataLoader) -> tuple[float, float, float]:
     starts: dict[int, list[float]] = {}
     item_cpu = []
     n = 0
-    for _, wid, start, cpu in it:
-        starts.setdefault(int(wid), []).append(float(start))
-        item_cpu.append(float(cpu))
+    for _, stamp in it:
+        wid, start, cpu = stamp[0].tolist()
+        starts.setdefault(int(wid), []).append(start)
+        item_cpu.append(cpu)
         n += 1
     wall = time.perf_counter() - t
     main = _self_cpu() - main0
