@@ -100,3 +100,25 @@ def test_fixed_target_rate_reads_the_same_frames(textured, every):
         n = info.num_frames_at(fps)
         natives = [info.native_index(j, fps) for j in clip_indices(n - 7, n, 16, 2)]
         assert np.array_equal(decode_frames(info, natives), every["vfr"][natives])
+
+
+def test_dataset_items_equal_the_every_frame_pipeline(tmp_path):
+    # The whole training item (start draw, decode, scale jitter, crop, flip, normalisation) from a
+    # seed is the same as decoding every frame, picking the clip and transforming it.
+    from nlnet.data import build_dataset
+    from nlnet.data.sampling import train_clip_start
+    from nlnet.data.transforms import train_transform
+
+    make_video(tmp_path / "a" / "v.mp4", 90, 30, (96, 64), pattern="texture", crf=23)
+    ds = build_dataset(
+        "folder", root=tmp_path, mode="train", clip_length=8, sampling_rate=4,
+        crop_size=48, jitter=(64, 80),
+    )  # fmt: skip
+    every = decode_all_frames(tmp_path / "a" / "v.mp4")
+    for seed in range(6):
+        item = ds[(0, seed)]
+        g = torch.Generator().manual_seed(seed)
+        start = train_clip_start(len(every), 8, 4, g)
+        idx = clip_indices(start, len(every), 8, 4)
+        want = train_transform(every[idx], jitter=(64, 80), crop_size=48, generator=g)
+        assert torch.equal(item["clip"], want), seed
