@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument(
         "--gops", default="250,30", help="key-frame intervals, comma-separated (250: x264's)"
     )
+    p.add_argument("--gop", type=int, default=None, help="one key-frame interval (old option)")
     p.add_argument("--workers", default="1,2", help="DataLoader worker counts, comma-separated")
     p.add_argument("--decoder-threads", type=int, default=1, help="FFmpeg threads per decode")
     p.add_argument("--quick", action="store_true", help="2 videos, 6 clips, 1 round, 2 workers")
@@ -175,7 +176,7 @@ def main() -> None:
     if args.quick:
         args.videos, args.items, args.rounds, args.workers = 2, 6, 1, "2"
     args.workers = [int(w) for w in args.workers.split(",")]
-    gops = [int(g) for g in args.gops.split(",")]
+    gops = [args.gop] if args.gop else [int(g) for g in args.gops.split(",")]
     print(
         f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch "
         f"{torch.__version__}; {args.videos} videos x 300 frames, 340x256, 30 fps, CRF 23; "
