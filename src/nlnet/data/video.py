@@ -1,9 +1,14 @@
 """Decoding only the frames a clip needs (§4.1; the original code's decoder is §5.6).
 
 The original Caffe2 op decodes *every* frame of a video at its native rate and then keeps 32 of
-them.  Here a clip is read by seeking to the key frame before its first frame and stopping after
-its last one; frames in between that no other frame references (and that the clip does not use)
-are skipped by the codec, and only the kept frames are converted to RGB.
+them.  Here a clip is read by seeking once to the key frame before its first frame and decoding
+forward: frames that no other frame references (and that the clip does not use) are skipped by
+the codec, the decoder is drained as soon as the clip's last frame has been sent to it, and only
+the kept frames are converted to RGB, by one converter for the whole clip.  The frames are
+identical, pixel for pixel, to decoding every frame with ``frame.to_ndarray(format="rgb24")``
+(:func:`decode_all_frames`; ``tests/test_data_decode.py``).  Decoding needs the reference frames
+from that key frame on, so with x264's default key-frame interval (250 frames) most of the work
+is decoding the references before the clip.
 
 Frame numbering
 ---------------
@@ -220,7 +225,9 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
     Returns a ``(len(indices), H, W, 3)`` uint8 RGB array in the order of ``indices``.  For each
     run of nearby needed frames it seeks to the key frame at or before the run's first frame and
     stops decoding after its last one; unneeded frames that no other frame references are
-    skipped by the codec (``skip_frame="NONREF"``), and only needed frames are converted to RGB.  ``threads`` > 1 lets FFmpeg decode with several threads.
+    skipped by the codec (``skip_frame="NONREF"``), and only needed frames are converted to RGB.
+    ``threads`` > 1 lets FFmpeg decode with several threads (frame threading, same frames);
+    with as many DataLoader workers as cores keep 1: the threads would only compete for them.
     """
     if not len(indices):
         raise ValueError("decode_frames needs at least one frame index")
@@ -231,6 +238,7 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
         return _read_frame_folder(info, indices)
     wanted = sorted(set(int(i) for i in indices))
     got: dict[int, np.ndarray] = {}
+    to_rgb = _RGBConverter()
     container = _open(info.path)
     try:
         stream = container.streams.video[0]
@@ -241,7 +249,7 @@ def decode_frames(info: VideoInfo, indices: Sequence[int], *, threads: int = 1) 
             # few frames (B-frames): if the seek lands after the run's first frame, seek again
             # from earlier, and as a last resort from the start.
             for back in (2, 32, run[0]):
-                if _decode_run(container, stream, info, run, max(0, run[0] - back), got):
+                if _decode_run(container, stream, info, run, max(0, run[0] - back), got, to_rgb):
                     break
     finally:
         container.close()
@@ -285,35 +293,87 @@ def decode_all_frames(path: str | os.PathLike[str], *, threads: int = 1) -> np.n
     return np.stack([f for _, f in frames])
 
 
-def _decode_run(container, stream, info: VideoInfo, run: list[int], seek_index: int, got) -> bool:
-    """Decode the frames ``run`` after seeking to frame ``seek_index``; False if it seeked too far."""
+class _RGBConverter:
+    """``frame.to_ndarray(format="rgb24")`` with one swscale context for every frame of a clip.
+
+    ``VideoFrame.to_ndarray(format=...)`` builds a new converter for each frame (PyAV keeps it on
+    the frame); reusing one gives the same pixels without setting up a scaler 32 times.  One
+    scaler thread: decoding runs in DataLoader workers that already use every core.
+    """
+
+    def __init__(self) -> None:
+        from av.video.reformatter import VideoReformatter
+
+        self._reformatter = VideoReformatter()
+        self._kwargs: dict[str, object] = {"format": "rgb24", "threads": 1}
+
+    def __call__(self, frame) -> np.ndarray:
+        try:
+            return self._reformatter.reformat(frame, **self._kwargs).to_ndarray()
+        except TypeError:  # PyAV < 14: no ``threads`` argument
+            if "threads" not in self._kwargs:
+                raise
+            self._kwargs = {"format": "rgb24"}
+            return self._reformatter.reformat(frame, **self._kwargs).to_ndarray()
+
+
+def _decode_run(
+    container, stream, info: VideoInfo, run: list[int], seek_index: int, got, to_rgb
+) -> bool:
+    """Decode the frames ``run`` after seeking to frame ``seek_index``; False if it seeked too far.
+
+    Packets of frames the run does not use are decoded only if other frames reference them
+    (``skip_frame="NONREF"`` otherwise).  Once every needed frame's packet has been sent, the
+    decoder is drained instead of decoding the packets that follow (with B-frames a decoder
+    holds back a few frames; draining releases them without decoding anything more).
+    """
     first_pts, last_pts = info.pts[run[0]], info.pts[run[-1]]
     need = {info.pts[i]: i for i in run}
+    unsent = set(need)
     ctx = stream.codec_context
     container.seek(info.pts[seek_index], stream=stream, backward=True, any_frame=False)
     ctx.flush_buffers()
     first_seen: int | None = None
+
+    def take(frames) -> bool | None:
+        """Keep the needed ``frames``; None if the seek landed too late, else True when done."""
+        nonlocal first_seen
+        done = False
+        for frame in frames:
+            p = frame.pts
+            if p is None:
+                continue
+            if first_seen is None:
+                first_seen = p
+                if p > first_pts and seek_index > 0:
+                    return None
+            i = need.get(p)
+            if i is not None and i not in got:
+                got[i] = to_rgb(frame)
+            done = done or p >= last_pts
+        return done
+
     try:
         for packet in container.demux(stream):
             # A frame the clip does not use and no other frame references need not be decoded
             # (before the run, and between the frames of a sampling rate > 1).
-            unused = packet.pts is not None and packet.pts not in need
+            pts = packet.pts
+            unused = pts is not None and pts not in need
             ctx.skip_frame = "NONREF" if unused else "DEFAULT"
-            done = False
-            for frame in packet.decode():
-                p = frame.pts
-                if p is None:
-                    continue
-                if first_seen is None:
-                    first_seen = p
-                    if p > first_pts and seek_index > 0:
-                        return False
-                i = need.get(p)
-                if i is not None and i not in got:
-                    got[i] = frame.to_ndarray(format="rgb24")
-                done = done or p >= last_pts
+            done = take(packet.decode())
+            if done is None:
+                return False
             if done:
                 break
+            if not unused and pts is not None:
+                unsent.discard(pts)
+                if not unsent:
+                    # Every needed frame is in the decoder: drain it rather than demuxing and
+                    # decoding the frames after the run.  (The next seek flushes the decoder.)
+                    ctx.skip_frame = "DEFAULT"
+                    if take(ctx.decode(None)) is None:
+                        return False
+                    break
     except Exception as e:
         raise VideoDecodeError(f"{info.path}: decoding failed ({type(e).__name__}: {e})") from e
     finally:
