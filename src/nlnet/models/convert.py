@@ -352,10 +352,6 @@ def convert_checkpoint(
         raise ValueError(
             f"the {fmt} checkpoint does not match {arch} with {conv.model_kwargs}:\n{report}"
         )
-    if classes is not None and len(classes) != conv.num_classes:
-        raise ValueError(
-            f"{len(classes)} class names given for a checkpoint with {conv.num_classes} classes"
-        )
     classes = None if classes is None else [str(c) for c in classes]
     if source is None and not isinstance(src, Mapping):
         source = os.path.basename(os.fspath(src))
