@@ -15,7 +15,6 @@ from nlnet import metrics
 from nlnet.block import NonLocalBlock
 from nlnet.config import ConfigError, load_config
 from nlnet.engine.checkpoint import (
-    atomic_save,
     init_from_state_dict,
     latest_checkpoint,
     load_checkpoint,
@@ -24,6 +23,7 @@ from nlnet.engine.classification import ClassificationTask, collate_views
 from nlnet.engine.optim import StepSchedule, build_optimizer, param_groups, plan_batches, set_lr
 from nlnet.engine.precise_bn import update_bn_stats
 from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
+from nlnet.io import atomic_save
 from nlnet.models import FrozenBatchNorm, freeze_batch_norm
 
 
