@@ -232,6 +232,14 @@ def test_trainer_checkpoint_is_self_describing(tmp_path: Path) -> None:
     with pytest.raises(WeightsMismatchError, match="variant"):
         load_for_eval(other, ckpt)
     load_for_eval(ClassificationTask(cfg).build_model(), ckpt)  # the right one loads
+    # A released-weights name resolves through the hub to its cached file (here: ckpt).
+    from nlnet.models import hub
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hub, "resolve_weights", lambda spec, **kw: ckpt if spec == "x.tag" else None)
+        with pytest.raises(WeightsMismatchError, match="variant"):
+            load_for_eval(other, "x.tag")
+        load_for_eval(ClassificationTask(cfg).build_model(), "x.tag")
     # model.init_from refuses too, unless told it is on purpose.
     init = load_config(None, [*overrides[:2], f"model.init_from={ckpt}"])
     with pytest.raises(WeightsMismatchError, match="init_check_settings"):

@@ -34,10 +34,12 @@ def load_for_eval(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, l
 
     Weights made for other model settings than the config's (e.g. a PySlowFast 8×8 model,
     ``variant: slowfast``, into a ``variant: speed`` recipe) raise ``WeightsMismatchError``
-    naming each setting and the override to use."""
+    naming each setting and the override to use.  ``checkpoint`` may also be a released-weights
+    name (``nlnet weights``), resolved to its cached converted file."""
     from nlnet.models import load_weights, read_checkpoint
+    from nlnet.models.factory import resolve_weights_spec
 
-    path = Path(checkpoint)
+    path = Path(resolve_weights_spec(checkpoint))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     obj = read_checkpoint(path)
@@ -122,7 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="config overrides, e.g. eval.test_crop=full",
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="engine checkpoint (.pt) or converted weights"
+        "--checkpoint",
+        required=True,
+        help="engine checkpoint (.pt), converted weights, or a released-weights name",
     )
     parser.add_argument(
         "--out", default=None, help="directory for predictions.jsonl and metrics.json"
