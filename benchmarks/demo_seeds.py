@@ -3,7 +3,8 @@
 Each seed runs as its own ``nlnet demo`` process (as a user runs it, thread choice included),
 one after another, into ``OUT/seed<S>``; the table gives, per seed, the C2D and non-local
 accuracies (validation / test), the iterations the non-local run needed to reach the early-stop
-target, the threads chosen, the whole demo's wall time and the exit status.  The wall time is
+target, the threads chosen, the whole demo's wall time, its CPU time (user + system: with one
+thread, about what the wall time would be on an idle machine) and the exit status.  The wall time is
 absolute (it is the demo's own target, ≤ 180 s on an idle 2-core machine), so say what else
 was running when quoting it.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -26,22 +28,30 @@ def run_seed(seed: int, out: Path, quick: bool, extra: list[str]) -> dict:
     """One ``nlnet demo`` process; its metrics.json plus wall time and exit status."""
     cmd = [sys.executable, "-m", "nlnet", "demo", "--seed", str(seed), "--out", str(out)]
     cmd += ["--quick"] if quick else []
+    cpu0 = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(cmd + extra, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    cpu = _children_cpu() - cpu0
     metrics_file = out / "metrics.json"
     if not metrics_file.is_file():
         raise RuntimeError(f"seed {seed}: nlnet demo wrote no metrics.json\n{proc.stderr[-3000:]}")
     metrics = json.loads(metrics_file.read_text())
-    return {"seed": seed, "wall": wall, "rc": proc.returncode, "metrics": metrics}
+    return {"seed": seed, "wall": wall, "cpu": cpu, "rc": proc.returncode, "metrics": metrics}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) used by finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def table(rows: list[dict]) -> str:
     """The markdown table of :func:`run_seed` results."""
     lines = [
         "| seed | C2D val / test | NL val / test | NL iterations | threads | demo wall time "
-        "| targets | exit |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| demo CPU time | targets | exit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         m = r["metrics"]
@@ -49,7 +59,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['seed']} | {base['val_top1']:.3f} / {base['test_top1']:.3f} | "
             f"{nl['val_top1']:.3f} / {nl['test_top1']:.3f} | {nl['iterations']}/{nl['max_iter']} "
-            f"| {m['threads']['chosen']} | {r['wall']:.0f} s | "
+            f"| {m['threads']['chosen']} | {r['wall']:.0f} s | {r['cpu']:.0f} s | "
             f"{'met' if m['accuracy_targets_met'] else 'NOT met'} | {r['rc']} |"
         )
     return "\n".join(lines)

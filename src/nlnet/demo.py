@@ -331,20 +331,26 @@ def attention_figure(run: DemoRun, out: Path) -> dict[str, Any]:
     for name, q in zip(("a", "b"), queries):
         w = display_weights(cap.weights[q])
         own = _square_keys(grid, spec, name)
-        other = _square_keys(grid, spec, "b" if name == "a" else "a")
+        other_name = "b" if name == "a" else "a"
+        other = _square_keys(grid, spec, other_name)
+        # Every key cell in the other square's frame: deep features there see that square
+        # through their receptive field even where the cell's own pixels do not cover it.
+        other_frame = _square_keys(grid, spec, other_name, whole_frame=True)
         top = attention_arrows(cap.weights, grid, [q], top_k=20)[0]
         summary["queries"][f"square_{name}"] = {
             "frame": grid.query_pixel(q)[0],
             "weight_on_own_square": float(w[own].sum()),
             "weight_on_other_square": float(w[other].sum()),
+            "weight_on_other_frame": float(w[other_frame].sum()),
             "top20_arrows_to_other_square": sum(a.key_index in set(other) for a in top),
         }
     summary["files"] = {"arrows": arrows_png.name, "heatmap": heat_png.name}
     return summary
 
 
-def _square_keys(grid: Any, spec: Any, which: str) -> list[int]:
-    """Key indices whose pooled clip pixels overlap square ``which``."""
+def _square_keys(grid: Any, spec: Any, which: str, *, whole_frame: bool = False) -> list[int]:
+    """Key indices whose pooled clip pixels overlap square ``which`` (or, with
+    ``whole_frame``, any pixel of the frame it is in)."""
     frame, _, _ = spec.centre(which)
     top, left = spec.top_left_a if which == "a" else spec.top_left_b
     (tq, hq, wq), (tc, hc, wc), (st, sh, sw) = grid.query_shape, grid.clip_shape, grid.subsample
@@ -358,8 +364,8 @@ def _square_keys(grid: Any, spec: Any, which: str) -> list[int]:
         j
         for j in range(grid.num_keys)
         if overlaps(grid.key_cell(j)[0], st, tq, tc, frame, 1)
-        and overlaps(grid.key_cell(j)[1], sh, hq, hc, top, spec.square)
-        and overlaps(grid.key_cell(j)[2], sw, wq, wc, left, spec.square)
+        and (whole_frame or overlaps(grid.key_cell(j)[1], sh, hq, hc, top, spec.square))
+        and (whole_frame or overlaps(grid.key_cell(j)[2], sw, wq, wc, left, spec.square))
     ]
 
 
@@ -390,7 +396,8 @@ def render_report(runs: Sequence[DemoRun], metrics: dict[str, Any]) -> str:
         q = att["queries"][f"square_{name}"]
         rows.append(
             f"| square {name.upper()} (frame {q['frame']}) | {q['weight_on_own_square']:.2f} | "
-            f"{q['weight_on_other_square']:.2f} | {q['top20_arrows_to_other_square']} |"
+            f"{q['weight_on_other_square']:.2f} | {q['weight_on_other_frame']:.2f} | "
+            f"{q['top20_arrows_to_other_square']} |"
         )
     targets = metrics["targets"]
     quick = metrics["quick"]
