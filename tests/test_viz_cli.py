@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A demo NL model whose block is switched on (non-uniform attention), as a state dict."""
     torch.manual_seed(0)
     model = nlnet.create_model("demo_c2d_nl", num_classes=2)
-    block = dict(model.named_modules())["stages.1.nonlocal"]
+    block = dict(model.named_modules())["res3.nonlocal0"]
     with torch.no_grad():
         for conv in (block.theta, block.phi, block.g, block.out):
             conv.weight.normal_(std=0.5)
@@ -49,7 +49,7 @@ def test_sample_arrows(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureF
     # 8 frames of 32 px + 7 gaps of 2 px, 4 output px per clip px (frames >= 128 px wide).
     assert _size(out) == ((8 * 32 + 7 * 2) * 4, 32 * 4)
     text = capsys.readouterr().out
-    assert "val item 3" in text and "block stages.1.nonlocal" in text
+    assert "val item 3" in text and "block res3.nonlocal0" in text
     assert "queries (8, 8, 8) -> keys (8, 4, 4)" in text
     assert text.count("  query (") == 3  # --num-queries default
 
@@ -93,7 +93,7 @@ def test_list_blocks_and_errors(
 ) -> None:
     base = ["visualize", "--config", CONFIG, "--checkpoint", str(checkpoint), *SMALL]
     assert main([*base, "--list-blocks"]) == 0
-    assert capsys.readouterr().out.strip() == "stages.1.nonlocal"
+    assert capsys.readouterr().out.strip() == "res3.nonlocal0"
     assert main([*base, "--block", "res4", "--out", str(tmp_path / "x.png")]) == 2
     assert "unknown block 'res4'" in capsys.readouterr().err
     assert main([*base, "--sample", "99", "--out", str(tmp_path / "x.png")]) == 2

@@ -125,7 +125,9 @@ class ColourMatchDataset(Dataset):
     Args:
         mode: ``"train"``, ``"val"`` or ``"test"`` (the split).
         num_samples: items in ``train`` mode: the length of one epoch of fresh draws.
-        val_samples: items in ``val``/``test`` mode: the fixed evaluation set.
+        val_samples: items in ``val`` mode (and in ``test`` mode unless ``test_samples``): the
+            fixed evaluation set.
+        test_samples: items in ``test`` mode; default ``val_samples``.
         clip_length: T, frames per clip.
         crop_size: frame height and width in pixels.
         num_colours: palette size, 2–8.
@@ -147,6 +149,7 @@ class ColourMatchDataset(Dataset):
         *,
         num_samples: int = 10_000,
         val_samples: int = 2_000,
+        test_samples: int | None = None,
         clip_length: int = 8,
         crop_size: int = 32,
         num_colours: int = 8,
@@ -162,18 +165,24 @@ class ColourMatchDataset(Dataset):
         if unknown:
             raise TypeError(
                 f"colour_match got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
-                "mode, num_samples, val_samples, clip_length, crop_size, num_colours, square, "
-                "first_frames, second_frames, seed, mean, std"
+                "mode, num_samples, val_samples, test_samples, clip_length, crop_size, "
+                "num_colours, square, first_frames, second_frames, seed, mean, std"
             )
         if mode not in SPLITS:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(SPLITS)}")
-        for name, value in (("num_samples", num_samples), ("val_samples", val_samples)):
+        if test_samples is None:
+            test_samples = val_samples
+        for name, value in (
+            ("num_samples", num_samples),
+            ("val_samples", val_samples),
+            ("test_samples", test_samples),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         num_frames, size = clip_length, crop_size
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"crop_size must be a positive int, got {size!r}")
-        num_samples = num_samples if mode == "train" else val_samples
+        num_samples = {"train": num_samples, "val": val_samples, "test": test_samples}[mode]
         if not isinstance(num_frames, int) or num_frames < 2:
             raise ValueError(f"clip_length must be an int >= 2, got {num_frames!r}")
         if not 2 <= num_colours <= len(PALETTE):

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from nlnet.config import Config, ConfigError, load_config
 from nlnet.engine import distributed as dist
@@ -69,7 +70,7 @@ def evaluate(
 def _evaluate(
     cfg: Config, checkpoint: str | Path, out_dir: str | Path | None, split: str, task: Task | None
 ) -> dict[str, Any]:
-    device, rank, world = setup(cfg)
+    device, _, _ = setup(cfg)
     # Weights come from the checkpoint: skip the training-time initialisation.
     cfg = copy.deepcopy(cfg)
     cfg.model.pretrained = None
@@ -87,6 +88,27 @@ def _evaluate(
             f"their initial values (first: {(report.get('missing') or report.get('mismatched'))[:5]})",
             file=sys.stderr,
         )
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else Path(cfg.train.output_dir) / f"eval_{Path(checkpoint).stem}"
+    )
+    return evaluate_model(model, cfg, task, dataset, out, device=device)
+
+
+def evaluate_model(
+    model: nn.Module,
+    cfg: Config,
+    task: Task,
+    dataset: Dataset,
+    out_dir: str | Path | None,
+    *,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Score an in-memory ``model`` on ``dataset`` with ``cfg.eval``'s protocol (paper §4.2);
+    rank 0 writes predictions and metrics under ``out_dir`` (None: nothing written)."""
+    rank, world = dist.rank(), dist.world_size()
+    device = device if device is not None else next(model.parameters()).device
     model.to(device).eval()
     loader = DataLoader(
         dataset,
@@ -103,12 +125,8 @@ def _evaluate(
         batches = tqdm(
             loader, desc=f"eval ({world} process(es))", file=sys.stderr, dynamic_ncols=True
         )
-    out = (
-        Path(out_dir)
-        if out_dir is not None
-        else Path(cfg.train.output_dir) / f"eval_{Path(checkpoint).stem}"
-    )
-    if dist.is_main():
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), autocast_factory(cfg, device)():
         result = task.evaluate(model, batches, device, out)

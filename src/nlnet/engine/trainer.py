@@ -102,6 +102,8 @@ class Trainer:
         self._last_good: Path | None = None  # the latest checkpoint written (or found)
         #: The ``early_stop`` record when ``train.stop_at_val_top1`` ended the run, else None.
         self.early_stop: dict[str, Any] | None = None
+        #: Every record written to ``metrics.jsonl`` by this run, in memory (train/val/early_stop).
+        self.history: list[dict[str, Any]] = []
 
     # -- set-up -------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -288,6 +290,7 @@ class Trainer:
         return path
 
     def _record(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
         if not dist.is_main():
             return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:

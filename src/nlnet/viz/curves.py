@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def read_curves(
@@ -21,17 +23,28 @@ def read_curves(
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is this an nlnet run directory?)")
-    points: dict[str, dict[int, float]] = {"train": {}, "val": {}}
+    records = []
     lines = path.read_text(encoding="utf-8").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError as e:
             if n == len(lines):  # a run still writing (or killed mid-line)
                 break
             raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    return curves_from_records(records, key)
+
+
+def curves_from_records(
+    records: Iterable[Mapping[str, Any]], key: str = "error"
+) -> dict[str, tuple[list[int], list[float]]]:
+    """``{"train": (iterations, values), "val": (...)}`` from metrics records (the dicts of a
+    ``metrics.jsonl``, or a :class:`~nlnet.engine.trainer.Trainer`'s ``history``); when an
+    iteration was logged twice (a resumed run), the last record wins."""
+    points: dict[str, dict[int, float]] = {"train": {}, "val": {}}
+    for rec in records:
         split = rec.get("split")
         if split in points and isinstance(rec.get(key), int | float):
             points[split][int(rec["iteration"])] = float(rec[key])
@@ -42,18 +55,33 @@ def plot_runs(
     run_dirs: list[str | Path], out: str | Path, key: str = "error", labels: list[str] | None = None
 ) -> Path:
     """Draw every run's train (dashed) and val (solid) ``key`` on one figure; write a PNG."""
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    names = labels or [Path(run).name for run in run_dirs]
+    series = [(name, read_curves(run, key)) for name, run in zip(names, run_dirs)]
+    try:
+        return plot_curves(series, out, key)
+    except ValueError:
+        raise ValueError(
+            f"no {key!r} values in the metrics.jsonl of {', '.join(map(str, run_dirs))}"
+        ) from None
+
+
+def plot_curves(
+    series: Sequence[tuple[str, Mapping[str, tuple[list[int], list[float]]]]],
+    out: str | Path,
+    key: str = "error",
+) -> Path:
+    """Figure 4 from curves in memory: ``[(label, {"train": (its, values), "val": (...)}), …]``
+    (see :func:`curves_from_records`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if labels is not None and len(labels) != len(run_dirs):
-        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     drawn = 0
-    for i, run in enumerate(run_dirs):
-        curves = read_curves(run, key)
-        name = labels[i] if labels else Path(run).name
+    for i, (name, curves) in enumerate(series):
         color = f"C{i % 10}"
         tx, ty = curves["train"]
         vx, vy = curves["val"]
@@ -74,9 +102,7 @@ def plot_runs(
             drawn += 1
     if drawn == 0:
         plt.close(fig)
-        raise ValueError(
-            f"no {key!r} values in the metrics.jsonl of {', '.join(map(str, run_dirs))}"
-        )
+        raise ValueError(f"no {key!r} values in the curves of {', '.join(n for n, _ in series)}")
     ax.set_xlabel("iterations")
     ax.set_ylabel(f"{key} (%)" if key == "error" else key)
     ax.grid(True, alpha=0.3)
