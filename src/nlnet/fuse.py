@@ -50,7 +50,7 @@ class _Folded:
 
     weight_key: tuple
     bn_state: tuple[Tensor, ...]
-    weight: Tensor
+    weight: Tensor | None  # dropped once packed for oneDNN (refolded for a new input shape)
     bias: Tensor
     packed: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
 
@@ -127,12 +127,21 @@ def _folded(conv: nn.modules.conv._ConvNd, bn: nn.Module | None) -> _Folded:
         )
     ):
         return entry
-    weight, bias = fold_batch_norm(conv, bn)
-    if weight.dim() == 5:
-        weight = weight.contiguous(memory_format=_CL)  # the activations' layout
+    weight, bias = _fold(conv, bn)
     entry = _Folded(key, tuple(t.clone() for t in state), weight, bias)
     _CACHE[conv] = entry
     return entry
+
+
+def _fold(conv: nn.modules.conv._ConvNd, bn: nn.Module | None) -> tuple[Tensor, Tensor]:
+    weight, bias = fold_batch_norm(conv, bn)
+    if weight.dim() == 5:
+        weight = weight.contiguous(memory_format=_CL)  # the activations' layout
+    return weight, bias
+
+
+def _dense_weight(entry: _Folded, conv: nn.modules.conv._ConvNd, bn: nn.Module | None) -> Tensor:
+    return entry.weight if entry.weight is not None else _fold(conv, bn)[0]
 
 
 def _use_onednn(x: Tensor) -> bool:
@@ -168,7 +177,7 @@ def conv_bn(
         and isinstance(conv, nn.Conv3d)
         and not isinstance(conv.padding, str)  # "same"/"valid": leave them to PyTorch
         and conv.padding_mode == "zeros"
-        and entry.weight.dtype == x.dtype
+        and conv.weight.dtype == x.dtype
     ):
         x = channels_last(x)
         shape = tuple(x.shape)
@@ -177,9 +186,10 @@ def conv_bn(
             if len(entry.packed) >= _MAX_PACKED_SHAPES:
                 entry.packed.clear()
             weight = torch.ops.mkldnn._reorder_convolution_weight(
-                entry.weight, padding, stride, dilation, conv.groups, list(shape)
+                _dense_weight(entry, conv, bn), padding, stride, dilation, conv.groups, list(shape)
             )
             entry.packed[shape] = weight
+            entry.weight = None  # one copy of the folded weights in memory, not two
         if residual is not None:
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x,
@@ -210,7 +220,7 @@ def conv_bn(
         )
     if x.device.type == "cuda":
         x = channels_last(x)  # cuDNN's channels-last kernels (bf16/fp16 tensor cores)
-    y = conv._conv_forward(x, entry.weight, entry.bias)
+    y = conv._conv_forward(x, _dense_weight(entry, conv, bn), entry.bias)
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y
