@@ -248,3 +248,20 @@ def test_nonlocal_block_at_identity_is_exact_in_fast_eval() -> None:
     x = torch.randn(1, 8, 2, 6, 6)
     with torch.no_grad():
         assert torch.equal(block(x), x)
+
+
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN kernels here"
+)
+def test_bf16_autocast_and_bf16_model_fast_eval_close_to_float32() -> None:
+    fast, plain = _pair(_small(), torch.float32)
+    x = _clip(torch.float32, size=48)
+    with torch.no_grad():
+        ref = plain(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fast(x)
+            out_plain = plain(x)  # the plain network under autocast: the same rounding class
+        out_model = copy.deepcopy(fast).to(torch.bfloat16)(x.to(torch.bfloat16))
+    for y in (out, out_model):
+        assert _rel(y.float(), ref) < 0.05
+    assert _rel(out.float(), ref) < 5 * _rel(out_plain.float(), ref) + 1e-3

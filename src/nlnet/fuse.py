@@ -52,7 +52,7 @@ class _Folded:
     bn_state: tuple[Tensor, ...]
     weight: Tensor | None  # dropped once packed for oneDNN (refolded for a new input shape)
     bias: Tensor
-    packed: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+    packed: dict[tuple, Tensor] = field(default_factory=dict)  # (*input shape, dtype)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Folded] = weakref.WeakKeyDictionary()
@@ -144,16 +144,36 @@ def _dense_weight(entry: _Folded, conv: nn.modules.conv._ConvNd, bn: nn.Module |
     return entry.weight if entry.weight is not None else _fold(conv, bn)[0]
 
 
-def _use_onednn(x: Tensor) -> bool:
-    return (
+def _onednn_dtype(x: Tensor, conv: nn.modules.conv._ConvNd) -> torch.dtype | None:
+    """The dtype oneDNN computes ``conv`` on ``x`` in, or ``None`` to leave it to PyTorch.
+
+    float32 (or bfloat16) like the weights; under ``torch.autocast("cpu", dtype=bfloat16)``
+    bfloat16, as autocast would run the convolution (AMX / AVX-512 BF16 kernels).
+    """
+    if not (
         x.device.type == "cpu"
         and x.dim() == 5
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and isinstance(conv, nn.Conv3d)
+        and not isinstance(conv.padding, str)  # "same"/"valid": leave them to PyTorch
+        and conv.padding_mode == "zeros"
         and torch.backends.mkldnn.enabled
         and torch.backends.mkldnn.is_available()
-        and not torch.is_autocast_enabled("cpu")
-        and (x.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
+    ):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or x.dtype not in (
+            torch.float32,
+            torch.bfloat16,
+        ):
+            return None
+        dtype = torch.bfloat16
+    elif x.dtype in (torch.float32, torch.bfloat16) and conv.weight.dtype == x.dtype:
+        dtype = x.dtype
+    else:
+        return None
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return dtype
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -172,30 +192,27 @@ def conv_bn(
     """ReLU?(BN(conv(x)) + residual?) as one folded convolution (inference only)."""
     entry = _folded(conv, bn)
     padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
-    if (
-        _use_onednn(x)
-        and isinstance(conv, nn.Conv3d)
-        and not isinstance(conv.padding, str)  # "same"/"valid": leave them to PyTorch
-        and conv.padding_mode == "zeros"
-        and conv.weight.dtype == x.dtype
-    ):
-        x = channels_last(x)
-        shape = tuple(x.shape)
-        weight = entry.packed.get(shape)
+    dtype = _onednn_dtype(x, conv)
+    if dtype is not None:
+        x = channels_last(x).to(dtype)
+        key = (*x.shape, dtype)
+        weight = entry.packed.get(key)
         if weight is None:
             if len(entry.packed) >= _MAX_PACKED_SHAPES:
                 entry.packed.clear()
+            dense = _dense_weight(entry, conv, bn).to(dtype)
             weight = torch.ops.mkldnn._reorder_convolution_weight(
-                _dense_weight(entry, conv, bn), padding, stride, dilation, conv.groups, list(shape)
+                dense, padding, stride, dilation, conv.groups, list(x.shape)
             )
-            entry.packed[shape] = weight
+            entry.packed[key] = weight
             entry.weight = None  # one copy of the folded weights in memory, not two
+        bias = entry.bias if entry.bias.dtype == dtype else entry.bias.to(dtype)
         if residual is not None:
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x,
-                channels_last(residual),
+                channels_last(residual).to(dtype),
                 weight,
-                entry.bias,
+                bias,
                 padding,
                 stride,
                 dilation,
@@ -209,7 +226,7 @@ def conv_bn(
         return torch.ops.mkldnn._convolution_pointwise(
             x,
             weight,
-            entry.bias,
+            bias,
             padding,
             stride,
             dilation,
