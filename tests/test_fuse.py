@@ -265,3 +265,18 @@ def test_bf16_autocast_and_bf16_model_fast_eval_close_to_float32() -> None:
     for y in (out, out_model):
         assert _rel(y.float(), ref) < 0.05
     assert _rel(out.float(), ref) < 5 * _rel(out_plain.float(), ref) + 1e-3
+
+
+def test_tracing_sees_the_plain_modules_and_inference_mode_cache_is_reusable() -> None:
+    model = _small().eval()
+    x = _clip(torch.float32)
+    with torch.inference_mode():
+        first = model(x)  # the cache is built from inference tensors here
+    with torch.no_grad():
+        again = model(x)  # ... and reused outside inference mode
+        traced = torch.jit.trace(model, x, check_trace=False)
+    torch.testing.assert_close(again, first)
+    graph = str(traced.inlined_graph)
+    assert "mkldnn" not in graph and "batch_norm" in graph
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), first, rtol=1e-5, atol=1e-5)

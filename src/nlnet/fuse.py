@@ -25,7 +25,7 @@ rounding (≈1e-7 relative in float32, 1e-15 in float64; ``tests/test_fuse.py``)
 any forward with autograd on, runs the plain modules.  ``model.fast_inference = False`` (on the
 network or on one block) turns the fast path off.
 
-This module depends on torch only, so that :mod:`nlnet.block` and :mod:`nlnet.models` both use it.
+This module sits next to :mod:`nlnet.ops` (it depends on nothing above it), so that :mod:`nlnet.block` and :mod:`nlnet.models` both use it.
 
 Caveat: weights changed through ``.data`` (which hides the change from PyTorch's version
 counter) are not seen by the weight cache; call :func:`clear_cache` after such an edit.
@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nlnet.ops.fast import is_tracing
 
 _CL = torch.channels_last_3d
 _MAX_PACKED_SHAPES = 8
@@ -246,7 +248,8 @@ def conv_bn(
 def enabled(model: nn.Module, x: Tensor) -> bool:
     """Whether ``model``'s forward on ``x`` takes the fast inference path.
 
-    Only with autograd off, on CPU or CUDA, with every sub-module in eval mode (BN then uses its
+    Only with autograd off, on CPU or CUDA, not while tracing or compiling, with every
+    sub-module in eval mode (BN then uses its
     running statistics), no forward hook anywhere (hooks, e.g. ``FlopCounterMode``'s or a
     feature extractor's, see the plain modules run) and ``model.fast_inference`` not ``False``.
     """
@@ -255,6 +258,7 @@ def enabled(model: nn.Module, x: Tensor) -> bool:
         or torch.is_grad_enabled()
         or not x.is_floating_point()
         or x.device.type not in ("cpu", "cuda")
+        or is_tracing()  # torch.compile / export / ONNX / TorchScript see the plain modules
         or _global_hooks()
     ):
         return False
