@@ -267,6 +267,7 @@ def test_bf16_autocast_and_bf16_model_fast_eval_close_to_float32() -> None:
     assert _rel(out.float(), ref) < 5 * _rel(out_plain.float(), ref) + 1e-3
 
 
+@pytest.mark.filterwarnings("ignore")
 def test_tracing_sees_the_plain_modules_and_inference_mode_cache_is_reusable() -> None:
     model = _small().eval()
     x = _clip(torch.float32)
@@ -280,3 +281,24 @@ def test_tracing_sees_the_plain_modules_and_inference_mode_cache_is_reusable() -
     assert "mkldnn" not in graph and "batch_norm" in graph
     with torch.no_grad():
         torch.testing.assert_close(traced(x), first, rtol=1e-5, atol=1e-5)
+
+
+def test_model_bench_compares_default_with_plain_and_judges_targets() -> None:
+    from nlnet.benchmark import compare_model_times, model_markdown, model_target_report
+
+    row = compare_model_times("i3d_r50_nl5", 8, 32, "eval", repeats=1, clock="cpu")
+    assert row["rel_err"] < 1e-5 and row["default_s"] > 0 and row["plain_s"] > 0
+    rows = [
+        {"frames": 32, "mode": "eval", "default_s": 0.5, "plain_s": 1.0, "rel_err": 1e-7},
+        {"frames": 8, "mode": "eval", "default_s": 0.95, "plain_s": 1.0, "rel_err": 1e-7},
+        {"frames": 32, "mode": "train", "default_s": 0.8, "plain_s": 1.0},
+    ]
+    report, ok = model_target_report(rows)
+    assert not ok  # 8 frames: 0.95 > 0.9
+    assert "eval 8 frames time: default/plain = 0.950 (target ≤ 0.9) — MISSED" in report
+    assert "eval 32 frames time: default/plain = 0.500 (target ≤ 0.75) — met" in report
+    rows[1]["default_s"] = 0.5
+    assert model_target_report(rows)[1]
+    rows[0]["rel_err"] = 1e-3  # outputs must agree
+    assert not model_target_report(rows)[1]
+    assert "| 32×224² | eval | 1.000 | 0.500 | 0.500 |" in model_markdown(rows, 224)

@@ -557,6 +557,10 @@ def model_target_report(rows: list[dict[str, Any]], size: int = 224) -> tuple[st
 def run_model(args: argparse.Namespace) -> int:
     import torch
 
+    if args.device != "cpu":
+        print(f"--model runs on the CPU only, got --device {args.device}", file=sys.stderr)
+        return 2
+
     if args.threads:
         torch.set_num_threads(args.threads)
     frames = tuple(args.frames or (8, 32))
