@@ -243,6 +243,31 @@ def test_nonlocal_block_fast_eval_float64(
     torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"extent": "space"},
+        {"extent": "time"},
+        {"temporal_groups": 2},
+        {"pairwise": "concatenation"},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nonlocal_block_fast_eval_layouts(kw: dict, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    block = _randomise_bn(NonLocalBlock(6, dim=3, zero_init=False, init_std=0.3, **kw))
+    block = block.to(dtype).eval()
+    plain = copy.deepcopy(block)
+    plain.fast_inference = False
+    x = torch.randn(2, 6, 4, 6, 6, dtype=dtype)
+    with torch.no_grad():
+        z, z_ref = block(x), plain(x)
+        z_cl = block(x.contiguous(memory_format=torch.channels_last_3d))
+    assert z.is_contiguous() and z_cl.is_contiguous(memory_format=torch.channels_last_3d)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert _rel(z, z_ref) < tol and _rel(z_cl, z_ref) < tol
+
+
 def test_nonlocal_block_at_identity_is_exact_in_fast_eval() -> None:
     block = NonLocalBlock(8, dim=3).eval()  # γ = 0: z = x bit for bit
     x = torch.randn(1, 8, 2, 6, 6)

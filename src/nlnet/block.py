@@ -384,6 +384,7 @@ class NonLocalBlock(nn.Module):
         y = y.contiguous(memory_format=_memory_format(x))
         if fast:
             z = fuse.conv_bn(self.out, self.bn if self.norm == "batch" else None, y, residual=x)
+            z = z.contiguous(memory_format=_memory_format(x))  # the input's layout, as below
             return (z, weights) if return_attention else z
         wz = self.out(y)
         if self.norm == "batch":
