@@ -327,3 +327,13 @@ def test_model_bench_compares_default_with_plain_and_judges_targets() -> None:
     rows[0]["rel_err"] = 1e-3  # outputs must agree
     assert not model_target_report(rows)[1]
     assert "| 32×224² | eval | 1.000 | 0.500 | 0.500 |" in model_markdown(rows, 224)
+
+
+def test_train_mode_frees_the_folded_weights() -> None:
+    model = _small().eval()
+    with torch.no_grad():
+        model(_clip(torch.float32))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    assert all(c in fuse._CACHE for c in convs)
+    model.train()
+    assert not any(c in fuse._CACHE for c in convs)

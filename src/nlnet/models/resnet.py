@@ -515,6 +515,12 @@ class VideoResNet(nn.Module):
         nn.init.normal_(self.head.fc.weight, std=self.fc_init_std)
         nn.init.zeros_(self.head.fc.bias)
 
+    def train(self, mode: bool = True) -> VideoResNet:
+        """``nn.Module.train``; entering training also frees the fast path's folded weights."""
+        if mode:
+            fuse.clear_cache(self)  # they would be stale after the first step anyway
+        return super().train(mode)
+
     @property
     def fast_inference(self) -> bool:
         """Eval forward with autograd off through :mod:`nlnet.fuse` (BN folded, channels-last).
