@@ -31,6 +31,7 @@ LAYERS: dict[str, str] = {
     "nlnet.ops": "ops",
     "nlnet.geometry": "block",
     "nlnet.block": "block",
+    "nlnet.fuse": "block",
     "nlnet.models": "models",
     "nlnet.engine": "engine",
     "nlnet.detection": "detection",

@@ -50,7 +50,7 @@ def test_sample_arrows(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert _size(out) == ((8 * 32 + 7 * 2) * 4, 32 * 4)
     text = capsys.readouterr().out
     assert "val item 3" in text and "block res3.nonlocal0" in text
-    assert "queries (8, 8, 8) -> keys (8, 4, 4)" in text
+    assert "queries (8, 4, 4) -> keys (8, 2, 2)" in text  # res3 of the stride-4 demo net
     assert text.count("  query (") == 3  # --num-queries default
 
 

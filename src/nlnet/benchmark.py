@@ -1,5 +1,11 @@
 """``nlnet bench``: the non-local operation's ``auto`` backend against the explicit N×N' matrix.
 
+``nlnet bench --model i3d_r50_nl5 [--frames 8 32]`` times the whole network instead: nlnet's
+default (``create_model(name)``: the ``auto`` NL backend, and in eval the fast path of
+:mod:`nlnet.fuse`) against the plain network (``backend="explicit"``, ``fast_inference=False``),
+interleaved in one process, eval forward and training step, with each one's peak memory in a
+fresh process; it exits non-zero when a target of issue 11 is missed.
+
 For each pairwise form (§3.2, Eq. 2–5) and each of the paper's sizes, forward and
 forward+backward are timed (median of several repeats after a warm-up) and their peak memory
 measured, every case in a fresh child process so that one case's allocations cannot hide
@@ -282,10 +288,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-peers", action="store_true", help="skip the peers' concatenation")
     parser.add_argument("--json", metavar="PATH", help="also write the raw results here")
+    model = parser.add_argument_group(
+        "whole model (--model): nlnet's default network against the plain one"
+    )
+    model.add_argument("--model", help="e.g. i3d_r50_nl5: time the whole network instead")
+    model.add_argument("--frames", type=int, nargs="+", help="clip lengths (default 8 32)")
+    model.add_argument("--size", type=int, default=224, help="crop size (default 224)")
+    model.add_argument("--eval-only", action="store_true", help="skip the training step")
+    model.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    model.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also the default eval under bf16 autocast (vs the plain float32 network)",
+    )
+    model.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or process CPU time (use with --threads 1 on a shared machine)",
+    )
+    model.add_argument("--threads", type=int, help="torch threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.model:
+        return run_model(args)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu", file=sys.stderr)
@@ -320,3 +349,248 @@ def run(args: argparse.Namespace) -> int:
             json.dump(rows, f, indent=1)
         os.replace(tmp, args.json)
     return 0
+
+
+# -- whole model: nlnet's default against the plain network (``nlnet bench --model``) -----------
+MODEL_TARGETS = (  # issue 11, item 1: default / plain, batch 1, 224², float32
+    ("eval", 32, "time", 0.75),
+    ("eval", 8, "time", 0.90),
+    ("train", 32, "time", 0.85),
+    ("train", 32, "memory", 0.60),
+)
+
+
+def _model_pair(name: str, frames: int, size: int, train: bool) -> tuple[Any, Any, Any]:
+    """nlnet's default network and the plain one (explicit NL backend, no fast path), same weights.
+
+    BN statistics and affine parameters are randomised (the freshly initialised ones are the
+    identity, which would hide folding errors).
+    """
+    import torch
+
+    from nlnet.models import create_model
+
+    torch.manual_seed(0)
+    default = create_model(name)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in default.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+    plain = create_model(name, backend="explicit")
+    plain.load_state_dict(default.state_dict())
+    plain.fast_inference = False
+    default.train(train)
+    plain.train(train)
+    x = torch.randn(1, 3, frames, size, size, generator=gen)
+    return default, plain, x
+
+
+def _train_step(model: Any, x: Any) -> None:
+    model.zero_grad(set_to_none=True)
+    model(x).logsumexp(1).sum().backward()
+
+
+def _eval_step(model: Any, x: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(x)
+
+
+def _eval_step_bf16(model: Any, x: Any) -> Any:
+    import torch
+
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+        return model(x)
+
+
+def compare_model_times(
+    name: str, frames: int, size: int, mode: str, repeats: int, clock: str = "wall"
+) -> dict[str, Any]:
+    """Default vs plain, interleaved in this process: the fastest of ``repeats`` rounds of each.
+
+    ``clock="cpu"`` measures process CPU time (with one thread: robust on a shared machine).
+    Eval also gives the relative error of the default's logits against the plain network's.
+    """
+    import torch
+
+    default, plain, x = _model_pair(name, frames, size, mode == "train")
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    if mode == "train":
+        steps = (_train_step, _train_step)
+    elif mode == "eval-bf16":  # the default under bf16 autocast against the plain float32 one
+        steps = (_eval_step_bf16, _eval_step)
+    else:
+        steps = (_eval_step, _eval_step)
+    out: dict[str, Any] = {}
+    a, b = steps[0](default, x), steps[1](plain, x)
+    if mode != "train":
+        out["rel_err"] = float((a.float() - b).norm() / b.norm())
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, model in enumerate((default, plain)):
+            t0 = now()
+            steps[i](model, x)
+            best[i] = min(best[i], now() - t0)
+    out.update(default_s=best[0], plain_s=best[1], threads=torch.get_num_threads())
+    return out
+
+
+def _model_peak(name: str, frames: int, size: int, mode: str, which: str) -> dict[str, Any]:
+    """Peak RSS increase of the first step over the process once the network and clip exist.
+
+    Call in a fresh process: the first step is measured because later ones reuse memory the
+    allocator kept (their RSS increase is about 0).  It includes the gradients' allocation
+    (training) and the folded/packed weights (the default's eval), as a user's first step does.
+    """
+    pair = _model_pair(name, frames, size, mode == "train")
+    model, x = pair[0 if which == "default" else 1], pair[2]
+    del pair  # keep only the measured network
+    step = {"train": _train_step, "eval": _eval_step, "eval-bf16": _eval_step_bf16}[mode]
+    _reset_peak_rss()
+    base = _rss_kib("VmRSS") * 1024
+    step(model, x)
+    return {"mib": (_rss_kib("VmHWM") * 1024 - base) / 2**20}
+
+
+def _model_child(queue: Any, args: tuple[Any, ...]) -> None:
+    try:
+        queue.put(_model_peak(*args))
+    except Exception as e:
+        queue.put({"error": f"{type(e).__name__}: {e}"[:200]})
+
+
+def model_peak(name: str, frames: int, size: int, mode: str, which: str) -> dict[str, Any]:
+    """:func:`_model_peak` in a fresh child process (forked from a torch-only server)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "nlnet.models"])
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_model_child, args=(queue, (name, frames, size, mode, which)))
+    proc.start()
+    try:
+        result = queue.get(timeout=3600)
+    except Exception:
+        result = {"error": "no result (killed, probably out of memory)"}
+    proc.join()
+    return result
+
+
+def model_benchmark(
+    name: str,
+    frames: tuple[int, ...],
+    size: int,
+    *,
+    modes: tuple[str, ...] = ("eval", "train"),
+    repeats: int = 3,
+    clock: str = "wall",
+    memory: bool = True,
+) -> list[dict[str, Any]]:
+    rows = []
+    cases = [(f, m) for f in frames for m in modes]
+    for f, mode in tqdm(cases, desc=f"nlnet bench --model {name}", unit="case", file=sys.stderr):
+        row: dict[str, Any] = {"frames": f, "mode": mode}
+        row.update(compare_model_times(name, f, size, mode, repeats, clock))
+        if memory:
+            row["default_mib"] = model_peak(name, f, size, mode, "default").get("mib")
+            row["plain_mib"] = model_peak(name, f, size, mode, "plain").get("mib")
+        rows.append(row)
+    return rows
+
+
+def model_markdown(rows: list[dict[str, Any]], size: int) -> str:
+    lines = [
+        "| frames | pass | plain s | default s | time ratio | plain MiB | default MiB | "
+        "memory ratio | output rel. error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = r["default_s"] / r["plain_s"]
+        pm, dm = r.get("plain_mib"), r.get("default_mib")
+        m_ratio = dm / pm if pm and dm is not None and pm > 0 else None
+        err = _fmt(r.get("rel_err"), ".1e")
+        lines.append(
+            f"| {r['frames']}×{size}² | {r['mode']} | {r['plain_s']:.3f} | {r['default_s']:.3f} | "
+            f"{ratio:.3f} | {_fmt(pm, '.0f')} | {_fmt(dm, '.0f')} | {_fmt(m_ratio, '.3f')} | "
+            f"{err} |"
+        )
+    return "\n".join(lines)
+
+
+def model_target_report(rows: list[dict[str, Any]], size: int = 224) -> tuple[str, bool]:
+    """The issue-11 targets (at 224²; other sizes are reported, not judged) and whether all hold."""
+    lines, all_met = [], True
+    if size != 224:
+        rows = []
+    for mode, frames, what, limit in MODEL_TARGETS:
+        for r in rows:
+            if (r["mode"], r["frames"]) != (mode, frames):
+                continue
+            if what == "time":
+                ratio = r["default_s"] / r["plain_s"]
+            elif r.get("plain_mib") and r.get("default_mib") is not None:
+                ratio = r["default_mib"] / r["plain_mib"]
+            else:
+                continue
+            ok = ratio <= limit
+            all_met &= ok
+            lines.append(
+                f"- {mode} {frames} frames {what}: default/plain = {ratio:.3f} (target ≤ {limit})"
+                f" — {'met' if ok else 'MISSED'}"
+            )
+        for r in rows:
+            if r["mode"] == "eval" and r.get("rel_err", 0.0) > 1e-5:
+                all_met = False
+    errs = [r["rel_err"] for r in rows if r["mode"] == "eval"]
+    if errs:
+        ok = max(errs) <= 1e-5
+        lines.append(
+            f"- eval outputs: max relative error {max(errs):.1e} (target ≤ 1e-5)"
+            f" — {'met' if ok else 'MISSED'}"
+        )
+    return "\n".join(lines), all_met
+
+
+def run_model(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.device != "cpu":
+        print(f"--model runs on the CPU only, got --device {args.device}", file=sys.stderr)
+        return 2
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    frames = tuple(args.frames or (8, 32))
+    repeats = args.repeats or 3
+    modes = ("eval",) if args.eval_only else ("eval", "train")
+    if args.bf16:
+        modes += ("eval-bf16",)
+    print(
+        f"# nlnet bench --model {args.model}: torch {torch.__version__}, cpu, "
+        f"{torch.get_num_threads()} threads, float32, batch 1, {args.size}²; time = fastest of "
+        f"{repeats} interleaved rounds ({args.clock} clock); memory = peak RSS increase of one "
+        "step, each network in a fresh process. default = create_model(name); plain = "
+        "backend='explicit', fast_inference=False (the peers' way)\n"
+    )
+    rows = model_benchmark(
+        args.model,
+        frames,
+        args.size,
+        modes=modes,
+        repeats=repeats,
+        clock=args.clock,
+        memory=not args.no_memory,
+    )
+    print(model_markdown(rows, args.size))
+    report, all_met = model_target_report(rows, args.size)
+    if report:
+        print("\nTargets (issue 11, item 1):\n" + report)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0 if all_met else 1

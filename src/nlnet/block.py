@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nlnet import fuse
 from nlnet.geometry import EXTENTS, attention_problems
 from nlnet.ops import PAIRWISE_FUNCTIONS, check_choice, nonlocal_attention
 
@@ -184,6 +185,7 @@ class NonLocalBlock(nn.Module):
         self.pool_before_conv = pool_before_conv
         self.init_std = init_std
         self.backend = backend
+        self.fast_inference = True  # eval + no autograd: 1×1 convs through nlnet.fuse
         self.subsample = self._pool_kernel(subsample, dim)
         if temporal_groups is not None and self.subsample is not None:
             if temporal_groups % self.subsample[0]:
@@ -324,14 +326,18 @@ class NonLocalBlock(nn.Module):
         """
         self._check_input(x, key_padding_mask)
         m = key_padding_mask
+        # Eval with autograd off: the 1×1 convs through nlnet.fuse (channels-last, and W_z with
+        # its BN and the residual as one convolution); the same values up to float rounding.
+        fast = fuse.enabled(self, x)
+        embed = (lambda layer, t: fuse.conv_bn(layer, None, t)) if fast else _apply
         if self.pool_before_conv:  # the original code: x̂ = pool(x), then φ(x̂), g(x̂)
             kv = self._pool_keys(x, m)
-            phi = kv if self.pairwise == "gaussian" else self.phi(kv)
-            g = self.g(kv)
+            phi = kv if self.pairwise == "gaussian" else embed(self.phi, kv)
+            g = embed(self.g, kv)
         else:  # the paper's text: pool(φ(x)), pool(g(x))
-            phi = self._pool_keys(x if self.pairwise == "gaussian" else self.phi(x), m)
-            g = self._pool_keys(self.g(x), m)
-        theta = x if self.pairwise == "gaussian" else self.theta(x)
+            phi = self._pool_keys(x if self.pairwise == "gaussian" else embed(self.phi, x), m)
+            g = self._pool_keys(embed(self.g, x), m)
+        theta = x if self.pairwise == "gaussian" else embed(self.theta, x)
 
         layout = _Layout(self.extent, self.temporal_groups)
         pool3 = _to5d_kernel(self.subsample, self.dim)
@@ -368,11 +374,19 @@ class NonLocalBlock(nn.Module):
         # layers after the block run the same kernels as without it (a block at identity then
         # reproduces the network without it bit for bit).
         y = y.contiguous(memory_format=_memory_format(x))
+        if fast:
+            z = fuse.conv_bn(self.out, self.bn if self.norm == "batch" else None, y, residual=x)
+            z = z.contiguous(memory_format=_memory_format(x))  # the input's layout, as below
+            return (z, weights) if return_attention else z
         wz = self.out(y)
         if self.norm == "batch":
             wz = self.bn(wz)
         z = wz + x
         return (z, weights) if return_attention else z
+
+
+def _apply(layer: nn.Module, t: Tensor) -> Tensor:
+    return layer(t)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

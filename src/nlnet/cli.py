@@ -14,7 +14,10 @@ from collections.abc import Sequence
 
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("nlnet.benchmark", "benchmark the non-local operation: auto vs explicit backend"),
+    "bench": (
+        "nlnet.benchmark",
+        "benchmark the NL operation (auto vs explicit), or a whole model (--model)",
+    ),
     "detect": ("nlnet.detection.detect", "draw a detector's boxes, masks and keypoints on images"),
     "demo": ("nlnet.demo", "train C2D vs C2D + non-local on a synthetic task (CPU, minutes)"),
     "visualize": ("nlnet.visualize", "draw where a non-local block looks (Figure 3)"),

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nlnet import fuse
 from nlnet.block import NonLocalBlock
 
 Triple = tuple[int, int, int]
@@ -136,6 +137,11 @@ class Stem(nn.Module):
         x = F.relu(self.bn(self.conv(x)))
         return x if self.pool is None else _checked_pool(self.pool, x, "pool1")
 
+    def fast_forward(self, x: Tensor) -> Tensor:
+        """Inference: conv1 with BN folded and ReLU fused (:mod:`nlnet.fuse`)."""
+        x = fuse.conv_bn(self.conv, self.bn, x, relu=True)
+        return x if self.pool is None else _checked_pool(self.pool, x, "pool1")
+
 
 class _Residual(nn.Module):
     """Shared shortcut logic: projection (1×1×1 conv with the block's stride + BN) when needed."""
@@ -165,6 +171,11 @@ class _Residual(nn.Module):
             return x
         assert self.shortcut_bn is not None
         return self.shortcut_bn(self.shortcut_conv(x))
+
+    def _fast_shortcut(self, x: Tensor) -> Tensor:
+        if self.shortcut_conv is None:
+            return x
+        return fuse.conv_bn(self.shortcut_conv, self.shortcut_bn, x)
 
 
 class Bottleneck(_Residual):
@@ -216,6 +227,13 @@ class Bottleneck(_Residual):
         y = self.bn_c(self.conv_c(y))
         return F.relu(y + self._shortcut(x))
 
+    def fast_forward(self, x: Tensor) -> Tensor:
+        """Inference: the same block as three folded convolutions, the add + ReLU fused."""
+        y = fuse.conv_bn(self.conv_a, self.bn_a, x, relu=True)
+        y = fuse.conv_bn(self.conv_b, self.bn_b, y, relu=True)
+        shortcut = self._fast_shortcut(x)
+        return fuse.conv_bn(self.conv_c, self.bn_c, y, relu=True, residual=shortcut)
+
 
 class BasicBlock(_Residual):
     """Two 3×3 convolutions (ResNet-18/34 style); ``temporal_kernel`` inflates ``conv_a``."""
@@ -256,9 +274,21 @@ class BasicBlock(_Residual):
         y = self.bn_b(self.conv_b(y))
         return F.relu(y + self._shortcut(x))
 
+    def fast_forward(self, x: Tensor) -> Tensor:
+        """Inference: two folded convolutions, the add + ReLU fused."""
+        y = fuse.conv_bn(self.conv_a, self.bn_a, x, relu=True)
+        shortcut = self._fast_shortcut(x)
+        return fuse.conv_bn(self.conv_b, self.bn_b, y, relu=True, residual=shortcut)
+
 
 class ResStage(nn.Sequential):
     """One stage: residual blocks ``0..n-1``, with ``nonlocal{i}`` right after block ``i``."""
+
+    def fast_forward(self, x: Tensor) -> Tensor:
+        for layer in self:
+            fast = getattr(layer, "fast_forward", None)
+            x = fast(x) if fast is not None else layer(x)
+        return x
 
 
 TEST_HEADS: tuple[str, ...] = ("global", "fully_conv")
@@ -562,6 +592,26 @@ class VideoResNet(nn.Module):
     def test_head(self, value: str) -> None:
         self.head.test_head = value
 
+    def train(self, mode: bool = True) -> VideoResNet:
+        """``nn.Module.train``; entering training also frees the fast path's folded weights."""
+        if mode:
+            fuse.clear_cache(self)  # they would be stale after the first step anyway
+        return super().train(mode)
+
+    @property
+    def fast_inference(self) -> bool:
+        """Eval forward with autograd off through :mod:`nlnet.fuse` (BN folded, channels-last).
+
+        On by default; setting it also sets every NL block's flag.
+        """
+        return self.__dict__.get("_fast_inference", True)
+
+    @fast_inference.setter
+    def fast_inference(self, value: bool) -> None:
+        self.__dict__["_fast_inference"] = bool(value)
+        for block in nonlocal_blocks(self).values():
+            block.fast_inference = bool(value)
+
     def stages(self) -> list[ResStage]:
         return [getattr(self, n) for n in self.stage_names]
 
@@ -591,9 +641,20 @@ class VideoResNet(nn.Module):
             raise ValueError(
                 f"VideoResNet expects (B, C, T, H, W) clips, got shape {tuple(x.shape)}"
             )
+        if fuse.enabled(self, x):
+            return self._fast_forward(x)
         x = self.stem(x)
         for i, name in enumerate(self.stage_names):
             x = getattr(self, name)(x)
+            if i == 0 and self.pool2 is not None:
+                x = _checked_pool(self.pool2, x, "pool2")
+        return self.head(x)
+
+    def _fast_forward(self, x: Tensor) -> Tensor:
+        """The eval forward of :mod:`nlnet.fuse`: BN folded, channels-last."""
+        x = self.stem.fast_forward(x)
+        for i, name in enumerate(self.stage_names):
+            x = getattr(self, name).fast_forward(x)
             if i == 0 and self.pool2 is not None:
                 x = _checked_pool(self.pool2, x, "pool2")
         return self.head(x)
