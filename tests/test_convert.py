@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from nlnet import create_model
 from nlnet.cli import main as cli_main
-from nlnet.models import UnsafeCheckpointError, load_weights, nonlocal_blocks
+from nlnet.models import UnsafeCheckpointError, find_nonlocal_blocks, load_weights
 from nlnet.models.convert import convert_caffe2, convert_checkpoint, convert_mmaction2
 from nlnet.models.resnet import VideoResNet
 from nlnet.models.weights import read_state_dict
@@ -287,7 +287,7 @@ def test_caffe2_affine_128f_model_and_ignored_blobs() -> None:
     torch.testing.assert_close(_logits(model), _logits(source), rtol=0, atol=0)
     # The registry builds the same block settings from these kwargs.
     reg = create_model("i3d_r50_nl5", device="meta", **conv.model_kwargs)
-    blocks = nonlocal_blocks(reg)
+    blocks = find_nonlocal_blocks(reg)
     assert [blocks[k].temporal_groups for k in sorted(blocks)] == [4, 4, None, None, None]
     assert all(b.norm is None for b in blocks.values()) and reg.freeze_bn
 
@@ -351,7 +351,7 @@ def test_slowfast_roundtrip_and_block_semantics(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(model), _logits(source), rtol=0, atol=0)
 
     # The converted block computes PySlowFast's non-local: pool x before φ/g, scale d^-1/2.
-    block = nonlocal_blocks(model)["res4.nonlocal3"].double().eval()
+    block = find_nonlocal_blocks(model)["res4.nonlocal3"].double().eval()
     pre = "s4.pathway0_nonlocal3"
     w = _block_weights(
         sd,
@@ -377,7 +377,7 @@ def test_mmaction2_roundtrip_and_block_semantics(tmp_path: Path) -> None:
     source = create_model("i3d_r50_nl5", num_classes=400, scale=1.0, **settings)
     randomize(source)
     with torch.no_grad():  # mmcv's conv_out has no bias
-        for block in nonlocal_blocks(source).values():
+        for block in find_nonlocal_blocks(source).values():
             block.out.bias.zero_()
     sd = to_mmaction2(source)
     assert not any(k.endswith("conv_out.conv.bias") for k in sd)
@@ -414,7 +414,7 @@ def test_mmaction2_logits_on_a_small_network(pairwise: str) -> None:
     scale = {"scale": 1.0} if pairwise == "embedded_gaussian" else {}
     source = randomize(build(pairwise=pairwise, pool_before_conv=False, **scale))
     with torch.no_grad():
-        for block in nonlocal_blocks(source).values():
+        for block in find_nonlocal_blocks(source).values():
             block.out.bias.zero_()
     sd = to_mmaction2(source)
     conv = convert_mmaction2({"state_dict": sd}, pairwise=pairwise)
@@ -431,7 +431,7 @@ def _check_mmcv_block(
     model: nn.Module, sd: dict[str, Tensor], pairwise: str, channels: int = 512
 ) -> None:
     """The converted block computes mmcv's NonLocal3d: φ/g convs, then pool; use_scale=False."""
-    block = nonlocal_blocks(model)["res3.nonlocal1"].double().eval()
+    block = find_nonlocal_blocks(model)["res3.nonlocal1"].double().eval()
     pre = "backbone.layer2.1.non_local_block"
     w = _block_weights(
         sd,

@@ -16,9 +16,9 @@ from nlnet.cli import main as cli_main
 from nlnet.models import (
     FrozenBatchNorm,
     VideoResNet,
+    find_nonlocal_blocks,
     freeze_batch_norm,
     load_weights,
-    nonlocal_blocks,
 )
 from nlnet.models.flops import attention_flops, count_cost
 from nlnet.models.weights import inflate_weight
@@ -92,7 +92,7 @@ def test_parameter_counts(name: str) -> None:
 
 def test_nonlocal_placement() -> None:
     def where(name: str, **kw: object) -> list[str]:
-        return sorted(nonlocal_blocks(create_model(name, device="meta", **kw)))
+        return sorted(find_nonlocal_blocks(create_model(name, device="meta", **kw)))
 
     assert where("c2d_r50_nl1") == ["res4.nonlocal4"]  # right before the last block of res4
     assert where("c2d_r50_nl1", nonlocal_stage=3) == ["res3.nonlocal2"]
@@ -111,7 +111,7 @@ def test_nonlocal_placement() -> None:
     m = create_model(
         "i3d_r50_nl5", freeze_bn=True, temporal_groups={3: 4}, pairwise="dot_product", device="meta"
     )
-    blocks = nonlocal_blocks(m)
+    blocks = find_nonlocal_blocks(m)
     assert all(b.norm is None and b.pairwise == "dot_product" for b in blocks.values())
     assert [blocks[k].temporal_groups for k in sorted(blocks)] == [4, 4, None, None, None]
 
@@ -182,7 +182,7 @@ def test_inflated_c2d_reproduces_2d_resnet_on_static_clip(tv_resnet50: nn.Module
     report = load_weights(model, tv.state_dict(), strict=True)
     assert report.source_format == "torchvision"
     assert "stem.conv.weight" in report.inflated and "res4.5.conv_b.weight" in report.inflated
-    assert sorted(report.nonlocal_identity) == sorted(nonlocal_blocks(model))
+    assert sorted(report.nonlocal_identity) == sorted(find_nonlocal_blocks(model))
     assert "identity init" in str(report)
     frame = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     clip = frame[:, :, None].expand(-1, -1, 4, -1, -1).contiguous()
@@ -289,10 +289,10 @@ def test_frozen_bn_folding_matches_eval_bn() -> None:
     n_frozen = sum(isinstance(m, FrozenBatchNorm) for m in frozen.modules())
     assert len(report.folded) == n_frozen == 1 + 3 * 7 + 4  # stem, 7 blocks, 4 shortcuts
     # NL blocks keep their BatchNorm (only backbone BN is frozen).
-    assert all(isinstance(b.bn, nn.BatchNorm3d) for b in nonlocal_blocks(frozen).values())
+    assert all(isinstance(b.bn, nn.BatchNorm3d) for b in find_nonlocal_blocks(frozen).values())
     frozen.train()  # frozen affines do not depend on the mode (dropout and NL BN aside)
     frozen.head.dropout.p = 0.0
-    for b in nonlocal_blocks(frozen).values():
+    for b in find_nonlocal_blocks(frozen).values():
         b.eval()
     with torch.no_grad():
         want = ref(x)
@@ -343,7 +343,7 @@ def test_small_demo_network_from_the_generic_class() -> None:
         nonlocal_kwargs={"subsample": False},
         num_classes=2,
     )
-    assert list(nonlocal_blocks(model)) == ["res3.nonlocal0"]
+    assert list(find_nonlocal_blocks(model)) == ["res3.nonlocal0"]
     assert 70_000 < sum(p.numel() for p in model.parameters()) < 90_000
     x = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1]))

@@ -20,8 +20,8 @@ from nlnet.viz.attention import (
     draw_attention_arrows,
     draw_attention_heatmap,
     figure_size,
+    find_nonlocal_blocks,
     heatmap_frames,
-    nonlocal_blocks,
     pick_queries,
 )
 
@@ -156,7 +156,7 @@ def test_capture_attention(pairwise: str) -> None:
     clip = torch.randn(2, 3, 4, 16, 16)
     cap = capture_attention(net, clip, batch_index=1)
     assert net.training and "forward" not in vars(net.nl)  # model left as it was
-    assert cap.name == "nl" and list(nonlocal_blocks(net)) == ["nl"]
+    assert cap.name == "nl" and list(find_nonlocal_blocks(net)) == ["nl"]
     assert cap.grid.query_shape == (4, 8, 8) and cap.grid.key_shape == (4, 4, 4)
     assert cap.grid.clip_shape == (4, 16, 16)
     net.eval()

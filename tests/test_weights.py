@@ -27,8 +27,8 @@ from nlnet.models import (
     FrozenBatchNorm,
     WeightsMismatchError,
     create_model,
+    find_nonlocal_blocks,
     load_weights,
-    nonlocal_blocks,
     read_checkpoint,
 )
 from nlnet.models.convert import convert_checkpoint
@@ -51,7 +51,9 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _source(arch: str, **kw: object) -> nn.Module:
     model = randomize(create_model(arch, num_classes=10, **kw), seed=11)
-    assert all(float(b.bn.weight.detach().abs().min()) > 0 for b in nonlocal_blocks(model).values())
+    assert all(
+        float(b.bn.weight.detach().abs().min()) > 0 for b in find_nonlocal_blocks(model).values()
+    )
     return model
 
 
@@ -142,7 +144,7 @@ def test_mmaction2_roundtrip(tmp_path: Path) -> None:
     settings = {"variant": "mmaction2", "pool_before_conv": False, "scale": 1.0}
     source = _source("i3d_r50_nl5", **settings)
     with torch.no_grad():  # mmcv's conv_out has no bias
-        for block in nonlocal_blocks(source).values():
+        for block in find_nonlocal_blocks(source).values():
             block.out.bias.zero_()
     pth = tmp_path / "i3d_nl_embedded_gaussian_20200813-6e6aef1b.pth"
     torch.save({"meta": {"epoch": 100}, "state_dict": to_mmaction2(source)}, pth)
@@ -348,7 +350,7 @@ def test_frozen_bn_keeps_the_nonlocal_bn_trainable() -> None:
          "model.kwargs.norm=batch", "model.kwargs.variant=speed", "model.dropout=0"],
     )  # fmt: skip
     model = ClassificationTask(cfg).build_model().train()
-    block = next(iter(nonlocal_blocks(model).values()))
+    block = next(iter(find_nonlocal_blocks(model).values()))
     assert isinstance(block.bn, nn.BatchNorm3d) and block.bn.weight.requires_grad
     assert float(block.bn.weight.detach().abs().max()) == 0.0  # γ = 0: an identity at start
     assert isinstance(model.stem.bn, FrozenBatchNorm)

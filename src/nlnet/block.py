@@ -411,3 +411,9 @@ def _to5d_kernel(kernel: tuple[int, ...] | None, dim: int) -> tuple[int, int, in
         return (1, 1, 1)
     padded = (1,) * (3 - dim) + tuple(kernel)
     return (padded[0], padded[1], padded[2])
+
+
+def find_nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
+    """Every :class:`NonLocalBlock` of ``model`` by qualified module name (e.g. ``res4.nonlocal5``):
+    the names weight files, ``--block`` options and load reports use."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}

@@ -280,11 +280,11 @@ def module_by_name(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules and name:
         return modules[name]
-    from nlnet.models import nonlocal_blocks
+    from nlnet.models import find_nonlocal_blocks
 
     stages = [n for n, _ in model.named_children()]
     raise ValueError(
-        f"the model has no module {name!r}; its non-local blocks: {list(nonlocal_blocks(model))}, "
+        f"the model has no module {name!r}; its non-local blocks: {list(find_nonlocal_blocks(model))}, "
         f"its top-level modules: {stages} (any name of model.named_modules() works)"
     )
 
@@ -788,9 +788,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: --top-k must be >= 1, got {args.top_k}", file=sys.stderr)
         return 2
     if args.attention:
-        from nlnet.models import nonlocal_blocks
+        from nlnet.models import find_nonlocal_blocks
 
-        blocks = list(nonlocal_blocks(loaded.model))
+        blocks = list(find_nonlocal_blocks(loaded.model))
         if not blocks:
             print(f"{PROG}: --attention needs a model with non-local blocks", file=sys.stderr)
             return 2

@@ -36,7 +36,7 @@ from nlnet.viz.attention import (
     capture_attention,
     draw_attention_arrows,
     draw_attention_heatmap,
-    nonlocal_blocks,
+    find_nonlocal_blocks,
     pick_queries,
 )
 
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         ensure_task(cfg.task)
         task = build_task(cfg.task, cfg)
         model = task.build_model()
-        blocks = list(nonlocal_blocks(model))
+        blocks = list(find_nonlocal_blocks(model))
         if args.list_blocks:
             print("\n".join(blocks) if blocks else "(no non-local blocks)")
             return 0

@@ -325,8 +325,3 @@ def build_keypointrcnn(
         keypoint_head=head,
         **detector_kwargs,
     )
-
-
-def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
-    """The non-local blocks of a detector, by parameter-name prefix."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}

@@ -1,5 +1,6 @@
 """§4: video classifiers (C2D / I3D ResNets with non-local blocks), their registry and weights."""
 
+from nlnet.block import find_nonlocal_blocks
 from nlnet.models import (
     demo,  # noqa: F401  (registers demo_c2d, demo_c2d_nl, demo_i3d)
     zoo,  # noqa: F401  (registers the paper's models)
@@ -17,7 +18,6 @@ from nlnet.models.resnet import (
     Stem,
     VideoResNet,
     freeze_batch_norm,
-    nonlocal_blocks,
 )
 from nlnet.models.settings import WeightsMismatchError
 from nlnet.models.weights import LoadReport, load_weights
@@ -36,10 +36,10 @@ __all__ = [
     "VideoResNet",
     "WeightsMismatchError",
     "create_model",
+    "find_nonlocal_blocks",
     "freeze_batch_norm",
     "list_models",
     "load_weights",
-    "nonlocal_blocks",
     "read_checkpoint",
     "register_model",
 ]

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nlnet.block import NonLocalBlock
+from nlnet.block import NonLocalBlock, find_nonlocal_blocks
 from nlnet.geometry import attention_problems, key_shape
-from nlnet.models.resnet import VideoResNet, nonlocal_blocks
+from nlnet.models.resnet import VideoResNet
 
 
 def attention_flops(block: NonLocalBlock, x_shape: Sequence[int]) -> int:
@@ -139,7 +139,7 @@ def count_cost(model: VideoResNet, input_shape: Sequence[int]) -> CostReport:
 
     meta = copy.deepcopy(model).to("meta").eval()
     parts = ["stem", *meta.stage_names, "head"]
-    blocks = nonlocal_blocks(meta)
+    blocks = find_nonlocal_blocks(meta)
     shapes: dict[str, tuple[int, ...]] = {}
     for name, block in blocks.items():
         parent, _, child = name.rpartition(".")

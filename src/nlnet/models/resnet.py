@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nlnet import fuse
-from nlnet.block import NonLocalBlock
+from nlnet.block import NonLocalBlock, find_nonlocal_blocks
 
 Triple = tuple[int, int, int]
 PoolSpec = tuple[Triple, Triple, Triple]  # (kernel, stride, padding)
@@ -563,7 +563,7 @@ class VideoResNet(nn.Module):
 
     def reset_parameters(self) -> None:
         """MSRA init for convs, γ=1/β=0 for BN, N(0, 0.01) for the fc; NL blocks keep their own."""
-        in_nonlocal = {id(m) for b in nonlocal_blocks(self).values() for m in b.modules()}
+        in_nonlocal = {id(m) for b in find_nonlocal_blocks(self).values() for m in b.modules()}
         for m in self.modules():
             if id(m) in in_nonlocal:
                 continue  # the NL blocks have their own init (identity at start)
@@ -609,7 +609,7 @@ class VideoResNet(nn.Module):
     @fast_inference.setter
     def fast_inference(self, value: bool) -> None:
         self.__dict__["_fast_inference"] = bool(value)
-        for block in nonlocal_blocks(self).values():
+        for block in find_nonlocal_blocks(self).values():
             block.fast_inference = bool(value)
 
     def stages(self) -> list[ResStage]:
@@ -685,11 +685,6 @@ def _pool_spec(spec: PoolSpec | None, name: str) -> PoolSpec | None:
     )
 
 
-def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
-    """Every :class:`NonLocalBlock` of ``model`` by its qualified name (e.g. ``res4.nonlocal5``)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}
-
-
 def freeze_batch_norm(model: nn.Module, *, include_nonlocal: bool = False) -> nn.Module:
     """Replace every backbone BatchNorm by its folded :class:`FrozenBatchNorm`, in place.
 
@@ -706,7 +701,7 @@ def freeze_batch_norm(model: nn.Module, *, include_nonlocal: bool = False) -> nn
     skip = (
         set()
         if include_nonlocal
-        else {id(m) for b in nonlocal_blocks(model).values() for m in b.modules()}
+        else {id(m) for b in find_nonlocal_blocks(model).values() for m in b.modules()}
     )
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):

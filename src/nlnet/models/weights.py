@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nlnet.block import find_nonlocal_blocks
 from nlnet.models import settings as _settings
 from nlnet.models.io import (
     CheckpointFormatError,
@@ -32,7 +33,7 @@ from nlnet.models.io import (
     unwrap_state_dict,
 )
 from nlnet.models.layouts import has_nonlocal, implied_settings, to_nlnet_names
-from nlnet.models.resnet import FrozenBatchNorm, nonlocal_blocks
+from nlnet.models.resnet import FrozenBatchNorm
 from nlnet.models.settings import WeightsMismatchError
 
 __all__ = [
@@ -158,7 +159,7 @@ def _check(
         model_settings,
         wanted,
         source=source,
-        model_has_nonlocal=bool(nonlocal_blocks(model)),
+        model_has_nonlocal=bool(find_nonlocal_blocks(model)),
         weights_have_nonlocal=has_nonlocal(state),
         why=why,
     )
@@ -278,7 +279,7 @@ def load_weights(
 
     # NL blocks the checkpoint knows nothing of stay at their init (listed once, as blocks).
     missing = set(report.missing)
-    for block_name, block in nonlocal_blocks(model).items():
+    for block_name, block in find_nonlocal_blocks(model).items():
         keys = [k for k in target if k.startswith(block_name + ".")]
         if keys and all(k in missing or k.endswith("num_batches_tracked") for k in keys):
             report.nonlocal_identity.append(block_name)

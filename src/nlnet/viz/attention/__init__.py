@@ -15,7 +15,7 @@ All drawing functions are pure (frames and weights in, PNG out) and write atomic
 """
 
 from nlnet.viz.attention.arrows import Arrow, attention_arrows, display_weights, pick_queries
-from nlnet.viz.attention.capture import CapturedAttention, capture_attention, nonlocal_blocks
+from nlnet.viz.attention.capture import CapturedAttention, capture_attention, find_nonlocal_blocks
 from nlnet.viz.attention.draw import (
     GAP_GREY,
     QUERY_COLOURS,
@@ -41,7 +41,7 @@ __all__ = [
     "draw_attention_arrows",
     "draw_attention_heatmap",
     "figure_size",
+    "find_nonlocal_blocks",
     "heatmap_frames",
-    "nonlocal_blocks",
     "pick_queries",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nlnet.block import NonLocalBlock
+from nlnet.block import find_nonlocal_blocks
 from nlnet.viz.attention.grid import AttentionGrid, dense_attention
 
 
@@ -20,11 +20,6 @@ class CapturedAttention:
     weights: Tensor  # dense (Nq, Nk) for the chosen clip, float32 on CPU
     grid: AttentionGrid
     output: Any  # the model's output (e.g. logits)
-
-
-def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
-    """The model's non-local blocks by module name (the names ``--block`` accepts)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, NonLocalBlock)}
 
 
 def capture_attention(
@@ -41,7 +36,7 @@ def capture_attention(
     ``return_attention=True`` for this one pass (exact weights, explicit backend) in eval mode;
     the model is left unchanged afterwards.
     """
-    blocks = nonlocal_blocks(model)
+    blocks = find_nonlocal_blocks(model)
     if not blocks:
         raise ValueError("the model has no NonLocalBlock: nothing to visualise")
     if block is None:
