@@ -6,7 +6,7 @@ forward: frames that no other frame references (and that the clip does not use) 
 the codec, the decoder is drained as soon as the clip's last frame has been sent to it, and only
 the kept frames are converted to RGB, by one converter for the whole clip.  The frames are
 identical, pixel for pixel, to decoding every frame with ``frame.to_ndarray(format="rgb24")``
-(:func:`decode_all_frames`; ``tests/test_data_decode.py``).  Decoding needs the reference frames
+(:func:`decode_all_frames`; ``tests/data/test_data_decode.py``).  Decoding needs the reference frames
 from that key frame on, so with x264's default key-frame interval (250 frames) most of the work
 is decoding the references before the clip.
 

@@ -19,7 +19,7 @@ from engine_helpers import tiny_config, write_config
 from nlnet.cli import main
 from nlnet.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
-HELPER = str(Path(__file__).with_name("engine_helpers.py"))
+HELPER = str(Path(__file__).resolve().parents[1] / "engine_helpers.py")
 
 
 def _assert_same_state(a: object, b: object, where: str = "") -> None:

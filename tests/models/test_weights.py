@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_convert import randomize, to_caffe2, to_mmaction2, to_slowfast
 from torch import nn
 
 import nlnet
@@ -33,7 +34,6 @@ from nlnet.models import (
 )
 from nlnet.models.convert import convert_checkpoint
 from nlnet.models.io import sniff
-from test_convert import randomize, to_caffe2, to_mmaction2, to_slowfast
 
 CLIP = (1, 3, 8, 64, 64)
 

@@ -9,7 +9,7 @@ import torch
 
 from nlnet.detection.task import DetectionTask
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "coco").glob("[!_]*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "coco").glob("[!_]*.yaml"))
 
 
 def test_every_table_row_has_a_recipe() -> None:
