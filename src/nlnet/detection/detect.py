@@ -9,10 +9,8 @@ lists them (boxes in image pixels).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
-from nlnet.detection.data import read_rgb
 from nlnet.detection.synthetic import COCO_SKELETON
-from nlnet.io import atomic_write, atomic_write_text
+from nlnet.io import atomic_write
 
 _PALETTE = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -124,69 +121,8 @@ def draw_detections(
     return out
 
 
-def _atomic_png(image: Tensor, path: Path) -> None:
+def write_png(image: Tensor, path: Path) -> None:
     from PIL import Image
 
     with atomic_write(path) as fh:
         Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(fh, format="PNG")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files (JPEG/PNG)")
-    parser.add_argument("--checkpoint", required=True, help="engine checkpoint or state dict")
-    parser.add_argument("--out", required=True, help="output folder for <image>.png / .json")
-    parser.add_argument("--model", default=None, help="detector name (for plain state dicts)")
-    parser.add_argument("--score-threshold", type=float, default=0.5)
-    parser.add_argument(
-        "--min-size", type=int, default=None, help="shorter side (default: model's)"
-    )
-    parser.add_argument("--max-size", type=int, default=None, help="longer side cap")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = {
-        k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None
-    }
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    try:
-        model, names = load_detector_checkpoint(args.checkpoint, args.model, **overrides)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"nlnet detect: {e}", file=sys.stderr)
-        return 2
-    model.to(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
-    for path_text in tqdm(
-        args.images, desc="detect", file=sys.stderr, disable=len(args.images) < 2
-    ):
-        path = Path(path_text)
-        if not path.is_file():
-            print(f"nlnet detect: image not found: {path}", file=sys.stderr)
-            return 2
-        image = read_rgb(path)
-        with torch.no_grad():
-            det = model([image.to(device).float().div(255.0)])[0]
-        det = {k: v.cpu() for k, v in det.items()}
-        drawn = draw_detections(image, det, names, score_threshold=args.score_threshold)
-        _atomic_png(drawn, out / f"{path.stem}.png")
-        keep = det["scores"] >= args.score_threshold
-        records = [
-            {
-                "label": int(lab),
-                "category": names.get(int(lab), str(int(lab))),
-                "score": round(float(s), 4),
-                "box_xyxy": [round(float(v), 2) for v in box],
-            }
-            for lab, s, box in zip(det["labels"][keep], det["scores"][keep], det["boxes"][keep])
-        ]
-        if "keypoints" in det:
-            for r, kp in zip(records, det["keypoints"][keep]):
-                r["keypoints"] = [[round(float(x), 2), round(float(y), 2)] for x, y, _ in kp]
-        atomic_write_text(out / f"{path.stem}.json", json.dumps(records, indent=1))
-        print(f"{path}: {len(records)} detection(s) -> {out / (path.stem + '.png')}")
-    return 0

@@ -18,7 +18,6 @@ counter did attribute to a block besides its convolutions is replaced by that fi
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,26 +148,10 @@ def flops_table(
     return rows
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "names",
-        nargs="*",
-        help="detectors (default: the Table 5 Mask R-CNN rows); see nlnet.detection.list_detectors",
-    )
-    parser.add_argument(
-        "--input-size",
-        type=int,
-        nargs=2,
-        default=(800, 1088),
-        metavar=("H", "W"),
-        help="padded network input (default 800 1088: a 480×640 COCO image at scale 800)",
-    )
-
-
 def print_detector_flops(names: Sequence[str], input_size: tuple[int, int] = (800, 1088)) -> int:
     """Print the FLOPs table for detector ``names``; the exit status for a command (2: bad name).
 
-    ``nlnet flops maskrcnn_r50_fpn_nl`` is meant to land here (see :func:`run`).
+    ``nlnet flops maskrcnn_r50_fpn_nl`` lands here (:mod:`nlnet.cli.flops`).
     """
     from nlnet.detection.registry import list_detectors
 
@@ -184,11 +167,3 @@ def print_detector_flops(names: Sequence[str], input_size: tuple[int, int] = (80
     for name, total, nl, added in flops_table(names, (h, w)):
         print(f"{name:42s} {total:9.1f} {nl:10.2f} {added:6.2f}%")
     return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """Command entry point: the named detectors, or the Table 5 Mask R-CNN rows."""
-    from nlnet.detection.registry import list_detectors
-
-    names = list(args.names) or list_detectors("maskrcnn_*")
-    return print_detector_flops(names, tuple(args.input_size))

@@ -8,9 +8,7 @@ and writes ``predictions.jsonl`` and ``metrics.json`` into the run directory
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,14 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from nlnet.config import Config, ConfigError, load_config
+from nlnet.config import Config
 from nlnet.engine import distributed as dist
 from nlnet.engine.checkpoint import is_engine_checkpoint, load_model_weights, unwrap
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler
 from nlnet.engine.task import Task, build_task
-from nlnet.models.io import CheckpointFormatError
-from nlnet.models.settings import WeightsMismatchError
 
 
 def load_for_eval(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, list[str]]:
@@ -131,42 +127,3 @@ def evaluate_model(
     with torch.no_grad(), autocast_factory(cfg, device)():
         result = task.evaluate(model, batches, device, out)
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="the YAML recipe the model was trained with")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. eval.test_crop=full",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="engine checkpoint (.pt), converted weights, or a released-weights name",
-    )
-    parser.add_argument(
-        "--out", default=None, help="directory for predictions.jsonl and metrics.json"
-    )
-    parser.add_argument(
-        "--split", default="test", choices=["test", "val"], help="data set mode (default: test)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = evaluate(cfg, args.checkpoint, args.out, args.split)
-        main = dist.is_main()
-    except ConfigError as e:
-        print(f"nlnet eval: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, WeightsMismatchError, CheckpointFormatError) as e:
-        print(f"nlnet eval: {e}", file=sys.stderr)
-        return 2
-    finally:
-        dist.shutdown()
-    if main:
-        print(json.dumps(result, indent=2))
-    return 0

@@ -1,6 +1,6 @@
 """``nlnet train CONFIG [key=value ...]``: the engine's training loop (:mod:`nlnet.engine.trainer`).
 
-The command registers the config's task (:func:`nlnet.tasks.ensure_task`), so the engine never
+The command registers the config's task (:func:`nlnet.cli.tasks.ensure_task`), so the engine never
 imports the detection package.
 """
 
@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 
+from nlnet.cli.tasks import ensure_task
 from nlnet.config import ConfigError, load_config
 from nlnet.engine import distributed as dist
 from nlnet.engine.trainer import Interrupted, NonFiniteLossError, Trainer
-from nlnet.tasks import ensure_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nlnet.cli.tasks import ensure_task
 from nlnet.config import ConfigError, load_config
 from nlnet.data.sampling import clip_indices
 from nlnet.data.transforms import center_crop_box, mean_std, resized_crop, short_side_size
 from nlnet.data.video import VideoDecodeError, decode_frames, probe_video
 from nlnet.engine.evaluate import load_for_eval
 from nlnet.engine.task import build_task
-from nlnet.tasks import ensure_task
 from nlnet.viz.attention import (
     attention_arrows,
     capture_attention,

@@ -1,8 +1,10 @@
 """The ``nlnet`` command.
 
-Each sub-command lives in the module that owns its capability and exposes two functions,
-``add_arguments(parser)`` and ``run(args) -> int``; this file only lists them, so ``nlnet --help``
-stays fast (modules are imported when their command runs).
+Each sub-command is a module of this package (or one of the applications ``nlnet.predict``,
+``nlnet.features``, ``nlnet.demo``, ``nlnet.benchmark``) exposing ``add_arguments(parser)`` and
+``run(args) -> int``, which parse the command line and call library functions taking plain
+arguments. This file only lists them, so ``nlnet --help`` stays fast (a module is imported when
+its command runs).
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "nlnet.benchmark",
         "benchmark the NL operation (auto vs explicit), or a whole model (--model)",
     ),
-    "detect": ("nlnet.detection.detect", "draw a detector's boxes, masks and keypoints on images"),
+    "detect": ("nlnet.cli.detect", "draw a detector's boxes, masks and keypoints on images"),
     "demo": ("nlnet.demo", "train C2D vs C2D + non-local on a synthetic task (CPU, minutes)"),
-    "visualize": ("nlnet.visualize", "draw where a non-local block looks (Figure 3)"),
-    "convert": ("nlnet.models.convert", "convert Caffe2 / PySlowFast / mmaction2 weights to nlnet"),
-    "flops": ("nlnet.flops", "parameters and FLOPs per stage of a model (Table 2e costs)"),
+    "visualize": ("nlnet.cli.visualize", "draw where a non-local block looks (Figure 3)"),
+    "convert": ("nlnet.cli.convert", "convert Caffe2 / PySlowFast / mmaction2 weights to nlnet"),
+    "flops": ("nlnet.cli.flops", "parameters and FLOPs per stage of a model (Table 2e costs)"),
     "data-check": (
-        "nlnet.data.check",
+        "nlnet.cli.data_check",
         "scan a Kinetics/Charades/folder download: missing, unreadable",
     ),
-    "train": ("nlnet.train", "train a model from a YAML recipe (key=value overrides)"),
+    "train": ("nlnet.cli.train", "train a model from a YAML recipe (key=value overrides)"),
     "eval": (
-        "nlnet.eval",
+        "nlnet.cli.eval",
         "evaluate a checkpoint with the test protocol (clips x crops)",
     ),
     "predict": ("nlnet.predict", "classify videos with released or trained weights (top-5 labels)"),
@@ -37,8 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "nlnet.features",
         "write pooled res5 (and chosen block) features of videos to .npy/.pt",
     ),
-    "plot": ("nlnet.viz.curves", "plot train/val error against iterations for runs (Figure 4)"),
-    "weights": ("nlnet.models.hub", "list / download / convert the released models' weights"),
+    "plot": ("nlnet.cli.plot", "plot train/val error against iterations for runs (Figure 4)"),
+    "weights": ("nlnet.cli.weights", "list / download / convert the released models' weights"),
 }
 
 
