@@ -15,7 +15,6 @@ from nlnet import metrics
 from nlnet.block import NonLocalBlock
 from nlnet.config import ConfigError, load_config
 from nlnet.engine.checkpoint import (
-    init_from_state_dict,
     latest_checkpoint,
     load_checkpoint,
 )
@@ -24,7 +23,7 @@ from nlnet.engine.optim import StepSchedule, build_optimizer, param_groups, plan
 from nlnet.engine.precise_bn import update_bn_stats
 from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.io import atomic_save
-from nlnet.models import FrozenBatchNorm, freeze_batch_norm
+from nlnet.models import FrozenBatchNorm, freeze_batch_norm, load_weights
 
 
 def test_step_schedule_and_warmup() -> None:
@@ -179,16 +178,18 @@ def test_nl_model_from_baseline_keeps_identity_blocks(rng: torch.Generator) -> N
         for p in base.parameters():
             p.normal_(generator=rng)
     nl = _NLTiny()
-    report = init_from_state_dict(nl, base.state_dict())
-    assert set(report["loaded"]) == set(base.state_dict())
-    assert report["missing"] and all(k.startswith("nl.") for k in report["missing"])
+    report = load_weights(nl, base.state_dict())
+    assert set(report.loaded) == set(base.state_dict()) - {
+        k for k in base.state_dict() if k.endswith("num_batches_tracked")
+    }
+    assert report.nonlocal_identity == ["nl"] and not report.missing
     x = torch.randn(2, 3, 4, 6, 6, generator=rng)
     base.eval()
     nl.eval()
     torch.testing.assert_close(nl(x), base(x))
     other = TinyVideoNet(num_classes=5)  # fine-tuning on other classes: classifier skipped
-    rep = init_from_state_dict(other, base.state_dict())
-    assert sorted(k.split(":")[0] for k in rep["mismatched"]) == ["fc.bias", "fc.weight"]
+    rep = load_weights(other, base.state_dict())
+    assert sorted(m[0] for m in rep.mismatched) == ["fc.bias", "fc.weight"]
 
 
 class _FixedScores(nn.Module):
@@ -336,7 +337,7 @@ def test_task_builds_model_from_checkpoint_and_freezes_bn(
         assert not torch.equal(
             model.fc.bias[:3], src.fc.bias
         )  # a 5-class classifier: re-initialised
-        assert sorted(m.split(":")[0] for m in task.init_report["mismatched"]) == [
+        assert sorted(m[0] for m in task.init_report.mismatched) == [
             "fc.bias",
             "fc.weight",
         ]

@@ -119,62 +119,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def init_from_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Copy the tensors of ``state`` whose name and shape match; report the rest.
-
-    Parameters the checkpoint lacks (e.g. the non-local blocks when initialising an NL model
-    from its baseline, paper §4.1) keep the model's own initialisation, which for NL blocks is
-    the identity mapping (Eq. 6 with zero-initialised W_z / BN γ).
-    """
-    own = model.state_dict()
-    loadable = {}
-    mismatched = []
-    for k, v in state.items():
-        if k in own:
-            if own[k].shape == v.shape:
-                loadable[k] = v
-            else:
-                mismatched.append(
-                    f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                )
-    model.load_state_dict(loadable, strict=False)
-    return {
-        "loaded": sorted(loadable),
-        "missing": sorted(k for k in own if k not in state),
-        "unexpected": sorted(k for k in state if k not in own),
-        "mismatched": mismatched,
-    }
-
-
-def _report_dict(report: Any) -> dict[str, list[str]]:
-    """A ``nlnet.models.LoadReport`` (or dict) as lists of strings."""
-    if isinstance(report, dict):
-        return {k: [str(x) for x in v] for k, v in report.items() if isinstance(v, list)}
-    out: dict[str, list[str]] = {}
-    for k in ("loaded", "missing", "unexpected", "nonlocal_identity"):
-        out[k] = [str(x) for x in getattr(report, k, [])]
-    out["mismatched"] = [
-        f"{m[0]}: checkpoint {tuple(m[1])} vs model {tuple(m[2])}"
-        if isinstance(m, tuple)
-        else str(m)
-        for m in getattr(report, "mismatched", [])
-    ]
-    return out
-
-
-def load_model_weights(
-    model: nn.Module, source: str | Path, *, check_settings: bool = True
-) -> dict[str, list[str]]:
-    """Initialise ``model`` from ``source`` (engine checkpoint, state dict, converted weights)
-    with :func:`nlnet.models.load_weights` (name conversion, 2D→3D inflation, BN folded into
-    frozen affines, non-local blocks left at identity). Weights made for other model settings
-    (variant, pairwise, ...) raise ``WeightsMismatchError`` unless ``check_settings=False``.
-    Returns the report as lists of names."""
-    from nlnet.models import load_weights
-
-    return _report_dict(load_weights(model, str(source), check_settings=check_settings))
-
-
 def weights_metadata(cfg: Any, model: nn.Module) -> dict[str, Any]:
     """The self-describing fields of a training checkpoint (``docs/models.md``): arch, every
     model kwarg, num_classes, class names and the preprocessing of ``cfg``'s recipe."""

@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 from nlnet import metrics
 from nlnet.config import Config, ConfigError
 from nlnet.engine import distributed as dist
-from nlnet.engine.checkpoint import load_model_weights
 from nlnet.engine.task import register_task
 from nlnet.io import atomic_write_text
+from nlnet.models import LoadReport, load_weights
 
 UNREADABLE_POLICY = (
     "views with valid=False are not scored; a video without any valid view counts as wrong "
@@ -55,7 +55,7 @@ class ClassificationTask:
         self.cfg = config
         self._datasets: dict[str, Dataset] = {}
         self._eval_dataset: Dataset | None = None
-        self.init_report: dict[str, list[str]] | None = None
+        self.init_report: LoadReport | None = None
         self.multi_label: bool | None = None
 
     # -- model --------------------------------------------------------------------------------
@@ -91,8 +91,8 @@ class ClassificationTask:
         except ValueError as e:
             raise ConfigError(f"model.name / model.kwargs: {e}") from None
         if m.init_from:
-            self.init_report = load_model_weights(
-                model, m.init_from, check_settings=m.init_check_settings
+            self.init_report = load_weights(
+                model, str(m.init_from), check_settings=m.init_check_settings
             )
         if m.freeze_bn:
             # Models whose builder ignores freeze_bn: the same FrozenBatchNorm, NL blocks excluded.

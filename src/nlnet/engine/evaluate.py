@@ -19,21 +19,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from nlnet.config import Config
 from nlnet.engine import distributed as dist
-from nlnet.engine.checkpoint import is_engine_checkpoint, load_model_weights, unwrap
+from nlnet.engine.checkpoint import is_engine_checkpoint, unwrap
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
 from nlnet.engine.sampling import ShardSampler
 from nlnet.engine.task import Task, build_task
+from nlnet.models import LoadReport, load_weights, read_checkpoint
 
 
-def load_for_eval(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, list[str]]:
+def load_for_eval(model: torch.nn.Module, checkpoint: str | Path) -> LoadReport:
     """Weights for testing: an engine checkpoint loads strictly; other formats (a converted
-    Caffe2 model, a plain state dict) go through :func:`load_model_weights` and report.
+    Caffe2 model, a plain state dict) go through :func:`nlnet.models.load_weights` (renaming, inflation, BN folding) and report.
 
     Weights made for other model settings than the config's (e.g. a PySlowFast 8×8 model,
     ``variant: slowfast``, into a ``variant: speed`` recipe) raise ``WeightsMismatchError``
     naming each setting and the override to use.  ``checkpoint`` may also be a released-weights
     name (``nlnet weights``), resolved to its cached converted file."""
-    from nlnet.models import load_weights, read_checkpoint
     from nlnet.models.factory import resolve_weights_spec
 
     path = Path(resolve_weights_spec(checkpoint))
@@ -41,10 +41,10 @@ def load_for_eval(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, l
         raise FileNotFoundError(f"checkpoint not found: {path}")
     obj = read_checkpoint(path)
     if is_engine_checkpoint(obj):
-        load_weights(unwrap(model), obj, strict=True)  # checks the settings first
+        report = load_weights(unwrap(model), obj, strict=True)  # checks the settings first
         unwrap(model).load_state_dict(obj["model"])
-        return {"missing": [], "unexpected": [], "mismatched": []}
-    return load_model_weights(model, path)
+        return report
+    return load_weights(unwrap(model), str(path))
 
 
 def evaluate(
@@ -77,11 +77,11 @@ def _evaluate(
     model = task.build_model()  # before the data otherwise: a bad model keyword fails at once
     report = load_for_eval(model, checkpoint)  # so do weights made for other settings
     dataset = task.build_dataset(split)
-    if dist.is_main() and (report.get("missing") or report.get("mismatched")):
+    if dist.is_main() and (report.missing or report.mismatched):
         print(
-            f"nlnet eval: WARNING: {len(report.get('missing', []))} model tensors missing from "
-            f"{checkpoint} and {len(report.get('mismatched', []))} of the wrong shape; they keep "
-            f"their initial values (first: {(report.get('missing') or report.get('mismatched'))[:5]})",
+            f"nlnet eval: WARNING: {len(report.missing)} model tensors missing from "
+            f"{checkpoint} and {len(report.mismatched)} of the wrong shape; they keep "
+            f"their initial values (first: {(report.missing or report.mismatched)[:5]})",
             file=sys.stderr,
         )
     out = (

@@ -6,6 +6,7 @@ the same keyword arguments (see :func:`build_video_resnet`); unknown ones raise 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -262,26 +263,11 @@ def build_video_resnet(
     return model
 
 
-_BUILDER_KWARGS = (
-    "variant",
-    "inflate",
-    "pairwise",
-    "extent",
-    "temporal_groups",
-    "norm",
-    "scale",
-    "pool_before_conv",
-    "subsample",
-    "backend",
-    "freeze_bn",
-    "dropout",
-    "nonlocal_stage",
-    "nonlocal_blocks",
-    "zero_init_residual",
-    "test_head",
-    "pretrained",
-    "device",
-    "dtype",
+# The keywords every registered builder accepts: build_video_resnet's, less what the name fixes.
+_BUILDER_KWARGS: tuple[str, ...] = tuple(
+    n
+    for n in inspect.signature(build_video_resnet).parameters
+    if n not in ("depth", "temporal") and n != "num_classes"
 )
 
 
