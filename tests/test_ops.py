@@ -156,10 +156,10 @@ def test_cpu_softmax_function_is_used_and_gradchecks():
 
 def test_blocked_paths_with_several_query_blocks(monkeypatch):
     """Force tiny tiles so the blocked forward/backward loop over many query blocks."""
-    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 20)
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 10)
     theta, phi, g, _ = make_inputs("gaussian", b=2, nq=9, nk=5, d=4, dv=3, grad=True)
     mask = make_mask(nk=5)
-    assert fast_mod.query_block(2, 9, 5) == 2
+    assert fast_mod.query_block(9, 5) == 2
     y = nonlocal_attention(theta, phi, g, pairwise="gaussian", key_padding_mask=mask)
     ref = loop_reference(theta.detach(), phi.detach(), g.detach(), pairwise="gaussian", mask=mask)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)

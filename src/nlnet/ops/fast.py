@@ -15,12 +15,21 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from nlnet.ops.pairwise import concat_projections, valid_key_count, widen
+
+T = TypeVar("T")
 
 
 def _autocast_off(t: Tensor) -> torch.autocast:
@@ -41,62 +50,236 @@ def is_tracing() -> bool:
     )
 
 
-# Elements of one (B, nb, Nk) tile of the affinity in the blocked CPU kernels: 2 Mi float32 is
-# 8 MiB per buffer, large enough for matmuls near peak and small against the Nq × Nk matrix.
+# -- softmax forms on CPU: blocked kernels on one-thread workers -------------------------------
+#
+# The affinity is processed one (nb, Nk) tile of query rows at a time.  Each tile costs a few
+# large matrix products (the flops) and two or three elementwise passes; the tiles are handed out
+# dynamically to worker threads that each run one-thread BLAS calls.  No OpenMP barrier separates
+# the operations, so a core taken by another process slows only its own worker, while the other
+# keeps taking tiles (with one parallel region per small op, every op waits for the slowest
+# thread, which is what made the blocked kernels slow under load).
+
+# Elements of one (nb, Nk) tile: 2 Mi float32 = 8 MiB, so a worker's two tiles stay in the
+# last-level cache while the products on them run near the matmul peak.
 TILE_ELEMENTS = 1 << 21
+# Rows per tile at most: the backward's dK += dSᵀQ, dV += PᵀdY products have nb as inner size,
+# and 128–256 already reaches the peak.
+MAX_QUERY_BLOCK = 256
+# B·Nq·Nk·d below which the kernels run on the calling thread only (thread hand-off ≈ 0.1 ms).
+MIN_PARALLEL_WORK = 1 << 24
+# Worker count override (tests); None: torch.get_num_threads() for large enough problems.
+PARALLEL_WORKERS: int | None = None
 
 
-def query_block(batch: int, nq: int, nk: int, tile_elements: int | None = None) -> int:
-    """Rows per query block so that one (batch, nb, Nk) tile holds about ``tile_elements``."""
+def query_block(nq: int, nk: int, tile_elements: int | None = None) -> int:
+    """Query rows per tile so that one (nb, Nk) tile holds about ``tile_elements`` elements."""
     budget = TILE_ELEMENTS if tile_elements is None else tile_elements
-    return max(1, min(nq, budget // max(1, batch * nk)))
+    return max(1, min(nq, MAX_QUERY_BLOCK, budget // max(1, nk)))
+
+
+def _workers(work: int, tiles: int) -> int:
+    """How many workers to use for ``tiles`` tiles of a problem of B·Nq·Nk·d = ``work``."""
+    if PARALLEL_WORKERS is not None:
+        return max(1, PARALLEL_WORKERS)
+    if work < MIN_PARALLEL_WORK:
+        return 1
+    return max(1, min(torch.get_num_threads(), tiles))
+
+
+class _WorkerPool:
+    """Long-lived threads whose PyTorch ops run on one thread each (OpenMP and MKL).
+
+    ``torch.set_num_threads`` is per thread for the OpenMP and MKL settings, but it also sets the
+    process default that threads inherit on their first parallel op; the creating thread restores
+    that default once the workers have set theirs, so nothing else sees a change.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(size)]
+        n_main = torch.get_num_threads()  # initialises this thread's own settings first
+        ready = threading.Barrier(size + 1)
+        for q in self._queues:
+            threading.Thread(
+                target=self._loop, args=(q, ready), daemon=True, name="nlnet-softmax"
+            ).start()
+        ready.wait()
+        torch.set_num_threads(n_main)
+
+    @staticmethod
+    def _loop(tasks: queue.SimpleQueue, ready: threading.Barrier) -> None:
+        torch.set_num_threads(1)
+        ready.wait()
+        while True:
+            fn, results = tasks.get()
+            try:
+                with torch.no_grad():  # grad mode is per thread; the kernels build no graph
+                    results.put((True, fn()))
+            except BaseException as e:  # re-raised in the calling thread
+                results.put((False, e))
+
+    def run(self, fns: list[Callable[[], T]]) -> list[T]:
+        """Run ``fns[w]`` on worker ``w`` (all at once) and return their results in order."""
+        results: list[queue.SimpleQueue] = []
+        for tasks, fn in zip(self._queues, fns):
+            results.append(queue.SimpleQueue())
+            tasks.put((fn, results[-1]))
+        outcomes = [r.get() for r in results]
+        for ok, value in outcomes:
+            if not ok:
+                raise value
+        return [value for _, value in outcomes]
+
+
+_POOL: _WorkerPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _reset_pool_after_fork() -> None:
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()  # the threads do not exist in a forked child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+def _run_tiles(n_tiles: int, work: int, worker: Callable[[Callable[[], int]], T]) -> list[T]:
+    """Call ``worker(next_tile)`` on each of the chosen workers; tiles go to whoever is free.
+
+    ``next_tile()`` returns the next unclaimed tile index (≥ ``n_tiles`` when none is left).
+    """
+    counter = itertools.count()  # next() on it is atomic under the GIL
+    take = counter.__next__
+    n = min(_workers(work, n_tiles), max(1, n_tiles))
+    if n == 1:
+        return [worker(take)]
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL.size < n:
+            _POOL = _WorkerPool(n)
+        pool = _POOL
+    return pool.run([lambda: worker(take) for _ in range(n)])
 
 
 def _mask_bias(key_padding_mask: Tensor | None, like: Tensor) -> Tensor | None:
-    """(B, Nk) bool padding mask → (B, 1, Nk) additive bias: 0 for keys, -inf for padding."""
+    """(B, Nk) bool padding mask → (B, Nk) additive bias: 0 for keys, -inf for padding."""
     if key_padding_mask is None:
         return None
     bias = torch.zeros(key_padding_mask.shape, dtype=like.dtype, device=like.device)
-    return bias.masked_fill(key_padding_mask, float("-inf"))[:, None, :]
+    return bias.masked_fill(key_padding_mask, float("-inf"))
+
+
+def _tiles(batch: int, nq: int, nb: int) -> list[tuple[int, int, int]]:
+    return [(b, r0, min(r0 + nb, nq)) for b in range(batch) for r0 in range(0, nq, nb)]
 
 
 def _blocked_softmax_forward(
     q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """softmax(scale·QKᵀ + bias)·V and its row log-sum-exp, one block of queries at a time.
+    """softmax(scale·QKᵀ + bias)·V and its row log-sum-exp L, one tile of queries at a time.
 
-    Only a (B, nb, Nk) tile of the affinity exists at once; rows are normalised with their own
-    maximum, so exp never overflows.
+    Rows are normalised with their own maximum, so exp never overflows.
     """
-    b, nq, _ = q.shape
+    b, nq, d = q.shape
     nk = k.shape[1]
     out = q.new_empty(b, nq, v.shape[2])
     lse = q.new_empty(b, nq)
-    k_t = k.transpose(1, 2)
-    nb = query_block(b, nq, nk)
-    for i0 in range(0, nq, nb):
-        i1 = min(i0 + nb, nq)
-        s = torch.bmm(q[:, i0:i1], k_t).mul_(scale)
-        if bias is not None:
-            s.add_(bias)
-        m = s.amax(dim=-1, keepdim=True)
-        p = s.sub_(m).exp_()
-        denom = p.sum(dim=-1, keepdim=True)
-        torch.bmm(p, v, out=out[:, i0:i1])
-        out[:, i0:i1].div_(denom)
-        lse[:, i0:i1] = (m + denom.log()).squeeze(-1)
+    q_s = q * scale
+    nb = query_block(nq, nk)
+    tiles = _tiles(b, nq, nb)
+
+    def worker(next_tile: Callable[[], int]) -> None:
+        buf = None
+        while (t := next_tile()) < len(tiles):
+            i, r0, r1 = tiles[t]
+            if buf is None:
+                buf = q.new_empty(nb * nk)
+            s = torch.mm(q_s[i, r0:r1], k[i].T, out=buf[: (r1 - r0) * nk].view(r1 - r0, nk))
+            if bias is not None:
+                s.add_(bias[i])
+            m = s.amax(dim=1, keepdim=True)
+            p = s.sub_(m).exp_()
+            denom = p.sum(dim=1, keepdim=True)
+            torch.mm(p, v[i], out=out[i, r0:r1]).div_(denom)
+            lse[i, r0:r1] = m.add_(denom.log_())[:, 0]
+
+    _run_tiles(len(tiles), b * nq * nk * d, worker)
     return out, lse
+
+
+def _augment(x: Tensor, last: Tensor | float) -> Tensor:
+    """[x, last] along the channels: (B, N, c) → (B, N, c + 1)."""
+    y = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+    y[..., :-1] = x
+    y[..., -1] = last
+    return y
+
+
+def _blocked_softmax_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    bias: Tensor | None,
+    grad_out: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of softmax(scale·QKᵀ + bias)·V, recomputing P one tile of queries at a time.
+
+    The FlashAttention-2 recurrence with D = rowsum(dY∘Y):  P = exp(s·QKᵀ + bias − L),
+    dS = P∘(dY·Vᵀ − D),  dQ = s·dS·K,  dK = s·Σ dSᵀ·Q,  dV = Σ Pᵀ·dY.  The subtractions of L and
+    D ride inside the products as an extra channel ([sQ, −L]·[K, 1]ᵀ, [dY, −D]·[V, 1]ᵀ), so a
+    tile costs five products and two elementwise passes (exp, ∘).  Each worker accumulates its
+    own dK, dV; they are summed at the end.
+    """
+    b, nq, d = q.shape
+    nk = k.shape[1]
+    delta = torch.linalg.vecdot(grad_out, out)  # D_i = Σ_c dY_ic Y_ic
+    q_aug = _augment(q * scale, -lse)  # [sQ, −L]
+    k_aug = _augment(k, 1.0)
+    dy_aug = _augment(grad_out, -delta)  # [dY, −D]
+    v_aug = _augment(v, 1.0)
+    q_s = q_aug[..., :d]
+    k_s = k * scale
+    dq = torch.empty_like(q)
+    nb = query_block(nq, nk)
+    tiles = _tiles(b, nq, nb)
+
+    def worker(next_tile: Callable[[], int]) -> tuple[Tensor, Tensor]:
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        buf_p = buf_ds = None
+        while (t := next_tile()) < len(tiles):
+            i, r0, r1 = tiles[t]
+            rows = r1 - r0
+            if buf_p is None or buf_ds is None:
+                buf_p, buf_ds = q.new_empty(nb * nk), q.new_empty(nb * nk)
+            p = torch.mm(q_aug[i, r0:r1], k_aug[i].T, out=buf_p[: rows * nk].view(rows, nk))
+            if bias is not None:
+                p.add_(bias[i])
+            p.exp_()
+            ds = torch.mm(dy_aug[i, r0:r1], v_aug[i].T, out=buf_ds[: rows * nk].view(rows, nk))
+            ds.mul_(p)
+            torch.mm(ds, k_s[i], out=dq[i, r0:r1])
+            dk[i].addmm_(ds.T, q_s[i, r0:r1])
+            dv[i].addmm_(p.T, grad_out[i, r0:r1])
+        return dk, dv
+
+    partial = _run_tiles(len(tiles), b * nq * nk * d, worker)
+    dk, dv = partial[0]
+    for dk_w, dv_w in partial[1:]:
+        dk.add_(dk_w)
+        dv.add_(dv_w)
+    return dq, dk, dv
 
 
 class _SoftmaxAttentionCPU(torch.autograd.Function):
     """softmax(scale·θφᵀ)·g (Eq. 2–3) with a memory-frugal, matmul-speed backward for CPUs.
 
-    Forward: the fused flash kernel when d = dv (it returns the row log-sum-exp L), else a blocked
-    matmul forward.  Only (θ, φ, g, y, L) are saved.  Backward recomputes the affinity one query
-    block at a time with plain matmuls (the FlashAttention recurrence):
-    P = exp(s·QKᵀ − L), dP = dY·Vᵀ, dS = P∘(dP − D) with D = rowsum(dY∘Y), then
-    dQ = s·dS·K, dK += s·dSᵀ·Q, dV += Pᵀ·dY.  On this CPU it is ~1.3× faster than the fused
-    kernel's own backward and exact (float64 gradcheck in the tests).
+    Forward: :func:`_blocked_softmax_forward`; only (θ, φ, g, y, L) are saved.  Backward:
+    :func:`_blocked_softmax_backward`, which recomputes the affinity one tile at a time.  Exact
+    (float64 gradcheck in the tests); never holds more than a few (nb, Nk) tiles.
     """
 
     @staticmethod
@@ -108,18 +291,9 @@ class _SoftmaxAttentionCPU(torch.autograd.Function):
         scale: float,
         bias: Tensor | None,
     ) -> Tensor:
-        # The fused CPU kernel mis-handles some strided inputs (e.g. the block's transposed
-        # (B, C, N) views) in torch 2.14; contiguous copies cost O(N·d) and keep it exact.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with _autocast_off(q):
-            if q.shape[-1] == v.shape[-1]:
-                mask4 = None if bias is None else bias[:, None]
-                out4, lse4 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q[:, None], k[:, None], v[:, None], attn_mask=mask4, scale=scale
-                )
-                out, lse = out4[:, 0], lse4[:, 0]
-            else:
-                out, lse = _blocked_softmax_forward(q, k, v, scale, bias)
+            out, lse = _blocked_softmax_forward(q, k, v, scale, bias)
         ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.scale = scale
         return out
@@ -130,33 +304,10 @@ class _SoftmaxAttentionCPU(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
     ) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, bias = ctx.saved_tensors
-        scale: float = ctx.scale
         with _autocast_off(q):
-            grad_out = grad_out.contiguous()
-            b, nq, _ = q.shape
-            nk = k.shape[1]
-            dq = torch.empty_like(q)
-            dk = torch.zeros_like(k)
-            dv = torch.zeros_like(v)
-            delta = (grad_out * out).sum(dim=-1, keepdim=True)  # D_i = Σ_c dY_ic Y_ic
-            neg_lse = -lse[:, :, None]
-            k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
-            nb = query_block(b, nq, nk)
-            for i0 in range(0, nq, nb):
-                i1 = min(i0 + nb, nq)
-                qb, dyb = q[:, i0:i1], grad_out[:, i0:i1]
-                # P = exp(s·QKᵀ + bias − L): the forward's softmax, recomputed for this block.
-                p = torch.baddbmm(neg_lse[:, i0:i1], qb, k_t, alpha=scale)
-                if bias is not None:
-                    p.add_(bias)
-                p.exp_()
-                # dS = P ∘ (dY·Vᵀ − D); the subtraction rides on the matmul (beta = −1).
-                ds = torch.baddbmm(delta[:, i0:i1], dyb, v_t, beta=-1).mul_(p)
-                torch.bmm(ds, k, out=dq[:, i0:i1])
-                dk.baddbmm_(ds.transpose(1, 2), qb)
-                dv.baddbmm_(p.transpose(1, 2), dyb)
-            dq.mul_(scale)
-            dk.mul_(scale)
+            dq, dk, dv = _blocked_softmax_backward(
+                q, k, v, out, lse, bias, grad_out.contiguous(), ctx.scale
+            )
         return dq, dk, dv, None, None
 
 
