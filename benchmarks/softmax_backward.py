@@ -210,12 +210,20 @@ def main() -> int:
         "--form", default="embedded_gaussian", choices=("gaussian", "embedded_gaussian")
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--cases", nargs="+", type=int, metavar="I", help=f"indices into {list(CASES)}"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory")
     args = parser.parse_args()
     methods = tuple(["explicit"] + [m for m in args.methods if m != "explicit"])
     if "auto" not in methods:
         parser.error("--methods must include auto")
     cases = QUICK if args.quick else CASES
+    if args.cases and not args.quick:
+        names = list(CASES)
+        if any(not 0 <= i < len(names) for i in args.cases):
+            parser.error(f"--cases: indices 0–{len(names) - 1}")
+        cases = {names[i]: CASES[names[i]] for i in args.cases}
     print(
         f"# {args.form}, forward+backward, float32, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, median of {args.rounds} "

@@ -173,6 +173,144 @@ def test_blocked_paths_with_several_query_blocks(monkeypatch):
         )
 
 
+# -- the blocked softmax kernels (CPU): tiles on one-thread workers ------------------------------
+def _explicit_and_auto_grads(form, tensors, mask, dy):
+    out = {}
+    for backend in ("explicit", "auto"):
+        y = nonlocal_attention(*tensors, pairwise=form, key_padding_mask=mask, backend=backend)
+        out[backend] = (y, *torch.autograd.grad(y, tensors, dy))
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("form", ["gaussian", "embedded_gaussian"])
+def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monkeypatch):
+    """Values and gradients equal the explicit matrix's: odd sizes (Nq not a multiple of the
+    tile), batch 3, d ≠ dv, several workers sharing the tiles and summing their dK, dV."""
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", workers)
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 5 * 23)  # 5-row tiles: 37 = 7·5 + 2
+    assert fast_mod.query_block(37, 23) == 5
+    gen = torch.Generator().manual_seed(4)
+    b, nq, nk, d, dv = 3, 37, 23, 6, 5
+    tensors = [
+        torch.randn(b, nq, d, generator=gen, dtype=F64, requires_grad=True),
+        torch.randn(b, nk, d, generator=gen, dtype=F64, requires_grad=True),
+        torch.randn(b, nk, dv, generator=gen, dtype=F64, requires_grad=True),
+    ]
+    mask = None
+    if use_mask:
+        mask = torch.rand(b, nk, generator=gen) < 0.3
+        mask[:, 0] = False  # at least one key per row
+    dy = torch.randn(b, nq, dv, generator=gen, dtype=F64)
+    res = _explicit_and_auto_grads(form, tensors, mask, dy)
+    for a, e in zip(res["auto"], res["explicit"]):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    if mask is not None:  # padded keys get no gradient
+        assert bool((res["auto"][2][mask] == 0).all()) and bool((res["auto"][3][mask] == 0).all())
+    assert res["auto"][2].abs().sum() > 0
+
+
+def test_blocked_softmax_gradcheck_on_workers(monkeypatch):
+    """float64 gradcheck with the tiles spread over two workers (several tiles each)."""
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 12)
+    theta, phi, g, _ = make_inputs("embedded_gaussian", b=2, nq=9, nk=6, d=4, dv=4, grad=True)
+    mask = make_mask()
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: nonlocal_attention(
+            a, b, c, pairwise="embedded_gaussian", key_padding_mask=mask
+        ),
+        (theta, phi, g),
+    )
+
+
+@pytest.mark.parametrize("form", ["gaussian", "embedded_gaussian"])
+def test_blocked_softmax_float32_error_is_rounding(form):
+    """float32: the blocked kernels are as close to the float64 truth as the explicit matrix
+    (a few units of float32 rounding), on a size that uses the worker threads."""
+    gen = torch.Generator().manual_seed(6)
+    b, nq, nk, d = 2, 700, 500, 48
+    work = b * nq * nk * d
+    assert work >= fast_mod.MIN_PARALLEL_WORK  # the default path, workers included
+    scale = 0.1 if form == "gaussian" else None  # logits of a few units: a peaked softmax
+    x64 = [torch.randn(b, n, d, generator=gen, dtype=F64) for n in (nq, nk, nk)]
+    dy = torch.randn(b, nq, d, generator=gen, dtype=F64)
+
+    def run(backend, dtype):
+        t = [x.to(dtype).requires_grad_() for x in x64]
+        y = nonlocal_attention(*t, pairwise=form, scale=scale, backend=backend)
+        return [y, *torch.autograd.grad(y, t, dy.to(dtype))]
+
+    truth = run("explicit", F64)
+    errs = {}
+    for backend in ("explicit", "auto"):
+        got = run(backend, torch.float32)
+        errs[backend] = [
+            ((x.double() - r).abs().max() / r.abs().max()).item() for x, r in zip(got, truth)
+        ]
+    for e_auto, e_ref in zip(errs["auto"], errs["explicit"]):
+        assert e_auto < 1e-5 and e_auto <= 4 * e_ref + 1e-7, errs
+
+
+def test_blocked_softmax_autocast_bf16_on_workers(monkeypatch):
+    """Under bf16 autocast the softmax forms still run (in float32) through the workers."""
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+    gen = torch.Generator().manual_seed(8)
+    t = [torch.randn(2, 130, 16, generator=gen, requires_grad=True) for _ in range(3)]
+    ref = nonlocal_attention(*t, pairwise="embedded_gaussian", backend="explicit")
+    ref_grads = torch.autograd.grad(ref.sum(), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nonlocal_attention(*(x.to(torch.bfloat16) for x in t), pairwise="gaussian")
+        y32 = nonlocal_attention(*t, pairwise="embedded_gaussian")
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    grads = torch.autograd.grad(y32.float().sum(), t)
+    torch.testing.assert_close(y32.float(), ref, rtol=1e-5, atol=1e-5)  # float32 inside
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_worker_threads_leave_thread_settings_alone(monkeypatch):
+    """The workers run one-thread ops; the caller's and new threads' settings are unchanged."""
+    import threading
+
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+    monkeypatch.setattr(fast_mod, "_POOL", None)  # create the workers in this test
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 400)  # 10-row tiles: 4 of them
+    before = torch.get_num_threads()
+    t = [torch.randn(1, 40, 8).requires_grad_() for _ in range(3)]
+    nonlocal_attention(*t, pairwise="gaussian").sum().backward()
+    assert fast_mod._POOL is not None and fast_mod._POOL.size == 2
+    assert torch.get_num_threads() == before
+    seen = []
+    th = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    th.start()
+    th.join()
+    assert seen == [before]
+    inside = fast_mod._POOL.run([torch.get_num_threads, torch.is_grad_enabled])
+    assert inside == [1, False]
+
+
+def test_worker_errors_reach_the_caller(monkeypatch):
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+
+    def worker(next_tile):
+        while next_tile() < 5:
+            pass
+        raise ValueError("boom in a worker")
+
+    with pytest.raises(ValueError, match="boom in a worker"):
+        fast_mod._run_tiles(5, 1 << 30, worker)
+    tiles = []
+
+    def collect(next_tile):
+        while (t := next_tile()) < 7:
+            tiles.append(t)
+
+    fast_mod._run_tiles(7, 1 << 30, collect)  # the pool still works, every tile done once
+    assert sorted(tiles) == list(range(7))
+
+
 def test_float32_gradients_match_explicit():
     gen = torch.Generator().manual_seed(1)
     t = [torch.randn(2, 300, 32, generator=gen, requires_grad=True) for _ in range(3)]

@@ -111,6 +111,9 @@ class _WorkerPool:
 
     @staticmethod
     def _loop(tasks: queue.SimpleQueue, ready: threading.Barrier) -> None:
+        # PyTorch initialises a thread's settings from the process default on its first query
+        # or parallel op (once); do that first, or it would later undo the one-thread setting.
+        torch.get_num_threads()
         torch.set_num_threads(1)
         ready.wait()
         while True:
