@@ -190,7 +190,10 @@ def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monke
     tile), batch 3, d ≠ dv, several workers sharing the tiles and summing their dK, dV."""
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", workers)
     monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 5 * 23)  # 5-row tiles: 37 = 7·5 + 2
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 8)  # backward: 8 rows × 6 or 5 keys
+    monkeypatch.setattr(fast_mod, "BACKWARD_TILE_ELEMENTS", 8 * 7)
     assert fast_mod.query_block(37, 23) == 5
+    assert fast_mod.backward_blocks(37, 23) == (8, 6)  # 23 keys = 6 + 6 + 6 + 5
     gen = torch.Generator().manual_seed(4)
     b, nq, nk, d, dv = 3, 37, 23, 6, 5
     tensors = [
@@ -215,6 +218,8 @@ def test_blocked_softmax_gradcheck_on_workers(monkeypatch):
     """float64 gradcheck with the tiles spread over two workers (several tiles each)."""
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
     monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 12)
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 4)
+    monkeypatch.setattr(fast_mod, "BACKWARD_TILE_ELEMENTS", 4 * 4)
     theta, phi, g, _ = make_inputs("embedded_gaussian", b=2, nq=9, nk=6, d=4, dv=4, grad=True)
     mask = make_mask()
     assert torch.autograd.gradcheck(
