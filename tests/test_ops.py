@@ -156,10 +156,11 @@ def test_cpu_softmax_function_is_used_and_gradchecks():
 
 def test_blocked_paths_with_several_query_blocks(monkeypatch):
     """Force tiny tiles so the blocked forward/backward loop over many query blocks."""
-    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 10)
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 4)
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 2)
     theta, phi, g, _ = make_inputs("gaussian", b=2, nq=9, nk=5, d=4, dv=3, grad=True)
     mask = make_mask(nk=5)
-    assert fast_mod.query_block(9, 5) == 2
+    assert fast_mod.tile_shape(9, 5) == (2, 2)  # 5 tiles of rows × 3 key blocks
     y = nonlocal_attention(theta, phi, g, pairwise="gaussian", key_padding_mask=mask)
     ref = loop_reference(theta.detach(), phi.detach(), g.detach(), pairwise="gaussian", mask=mask)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
@@ -189,11 +190,9 @@ def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monke
     """Values and gradients equal the explicit matrix's: odd sizes (Nq not a multiple of the
     tile), batch 3, d ≠ dv, several workers sharing the tiles and summing their dK, dV."""
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", workers)
-    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 5 * 23)  # 5-row tiles: 37 = 7·5 + 2
-    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 8)  # backward: 8 rows × 6 or 5 keys
-    monkeypatch.setattr(fast_mod, "BACKWARD_TILE_ELEMENTS", 8 * 7)
-    assert fast_mod.query_block(37, 23) == 5
-    assert fast_mod.backward_blocks(37, 23) == (8, 6)  # 23 keys = 6 + 6 + 6 + 5
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 8)  # 37 rows = 4·8 + 5
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 8 * 7)
+    assert fast_mod.tile_shape(37, 23) == (8, 6)  # 23 keys = 6 + 6 + 6 + 5
     gen = torch.Generator().manual_seed(4)
     b, nq, nk, d, dv = 3, 37, 23, 6, 5
     tensors = [
@@ -205,6 +204,7 @@ def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monke
     if use_mask:
         mask = torch.rand(b, nk, generator=gen) < 0.3
         mask[:, 0] = False  # at least one key per row
+        mask[0, :12], mask[0, 20] = True, False  # whole leading key blocks of padding
     dy = torch.randn(b, nq, dv, generator=gen, dtype=F64)
     res = _explicit_and_auto_grads(form, tensors, mask, dy)
     for a, e in zip(res["auto"], res["explicit"]):
@@ -214,12 +214,30 @@ def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monke
     assert res["auto"][2].abs().sum() > 0
 
 
+def test_blocked_softmax_very_negative_logits_after_padding(monkeypatch):
+    """float32 logits near −200 (exp underflows) after whole key blocks of padding: the
+    running maximum must not be reset to 0 by the padded blocks."""
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 4)
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 4 * 4)  # 4-key blocks
+    gen = torch.Generator().manual_seed(9)
+    theta = -torch.ones(2, 6, 8) * 5 + 0.1 * torch.randn(2, 6, 8, generator=gen)
+    phi = torch.ones(2, 12, 8) * 5 + 0.1 * torch.randn(2, 12, 8, generator=gen)
+    g = torch.randn(2, 12, 3, generator=gen)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, :8] = True  # the first two key blocks of batch 0 are padding
+    t = [x.requires_grad_() for x in (theta, phi, g)]
+    res = _explicit_and_auto_grads("gaussian", t, mask, torch.randn(2, 6, 3, generator=gen))
+    assert (theta @ phi.transpose(1, 2)).max() < -150
+    for a, e in zip(res["auto"], res["explicit"]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
 def test_blocked_softmax_gradcheck_on_workers(monkeypatch):
     """float64 gradcheck with the tiles spread over two workers (several tiles each)."""
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
-    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 12)
     monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 4)
-    monkeypatch.setattr(fast_mod, "BACKWARD_TILE_ELEMENTS", 4 * 4)
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 4 * 4)
     theta, phi, g, _ = make_inputs("embedded_gaussian", b=2, nq=9, nk=6, d=4, dv=4, grad=True)
     mask = make_mask()
     assert torch.autograd.gradcheck(
@@ -281,7 +299,7 @@ def test_worker_threads_leave_thread_settings_alone(monkeypatch):
 
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
     monkeypatch.setattr(fast_mod, "_POOL", None)  # create the workers in this test
-    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 400)  # 10-row tiles: 4 of them
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 10)  # 4 tiles of rows
     before = torch.get_num_threads()
     t = [torch.randn(1, 40, 8).requires_grad_() for _ in range(3)]
     nonlocal_attention(*t, pairwise="gaussian").sum().backward()
@@ -406,6 +424,7 @@ def test_no_affinity_matrix_is_allocated_by_auto(monkeypatch):
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 1 << 18)  # 1/16 of the matrix below
+    monkeypatch.setattr(fast_mod, "MIN_PARALLEL_WORK", 0)  # workers too (all threads profiled)
 
     gen = torch.Generator().manual_seed(0)
     nq = nk = 2048

@@ -62,16 +62,13 @@ def is_tracing() -> bool:
 # keeps taking tiles (with one parallel region per small op, every op waits for the slowest
 # thread, which is what made the blocked kernels slow under load).
 
-# Elements of one (nb, Nk) tile: 2 Mi float32 = 8 MiB, so a worker's two tiles stay in the
-# last-level cache while the products on them run near the matmul peak.
-TILE_ELEMENTS = 1 << 21
-# Elements of one (nb, kb) tile of the backward, which also splits the keys (its tiles are
-# independent once L and D are known): 256 Ki float32 = 1 MiB, so a worker's two tiles and the
-# key block they use stay in its core's L2 cache, where the products run ~20% faster than on
-# tiles streamed from L3 (measured with one thread: 150 vs 125 GFLOP/s at Nk = 12544).
-BACKWARD_TILE_ELEMENTS = 1 << 18
+# Elements of one (nb, kb) tile of the affinity (nb query rows, kb keys): 256 Ki float32 =
+# 1 MiB, so a worker's tiles and the key block they use stay in its core's L2 cache, where the
+# products run ~20% faster than on whole rows streamed from L3 (measured with one thread at
+# Nk = 12544: 150 vs 125 GFLOP/s).
+TILE_ELEMENTS = 1 << 18
 # Rows per tile at most: the backward's dK += dSᵀQ, dV += PᵀdY products have nb as inner size,
-# and 128–256 already reaches the peak.
+# and 256 already reaches the peak.
 MAX_QUERY_BLOCK = 256
 # B·Nq·Nk·d below which the kernels run on the calling thread only (thread hand-off ≈ 0.1 ms).
 MIN_PARALLEL_WORK = 1 << 24
@@ -79,19 +76,10 @@ MIN_PARALLEL_WORK = 1 << 24
 PARALLEL_WORKERS: int | None = None
 
 
-def query_block(nq: int, nk: int, tile_elements: int | None = None) -> int:
-    """Query rows per tile so that one (nb, Nk) tile holds about ``tile_elements`` elements."""
+def tile_shape(nq: int, nk: int, tile_elements: int | None = None) -> tuple[int, int]:
+    """(rows nb, keys kb) of the tiles: about ``tile_elements`` (default ``TILE_ELEMENTS``)
+    elements each, the keys split into near-equal blocks."""
     budget = TILE_ELEMENTS if tile_elements is None else tile_elements
-    nb = min(MAX_QUERY_BLOCK, budget // max(1, nk))
-    if nb >= 32:
-        nb -= nb % 16  # whole SIMD panels for the products
-    return max(1, min(nq, nb))
-
-
-def backward_blocks(nq: int, nk: int, tile_elements: int | None = None) -> tuple[int, int]:
-    """(rows, keys) of the backward's tiles: about ``tile_elements`` (default
-    ``BACKWARD_TILE_ELEMENTS``) per tile, keys split into near-equal blocks."""
-    budget = BACKWARD_TILE_ELEMENTS if tile_elements is None else tile_elements
     nb = max(1, min(nq, MAX_QUERY_BLOCK))
     kb = max(1, budget // nb)
     n_blocks = -(-nk // kb)
@@ -212,10 +200,11 @@ def _augment(x: Tensor, last: Tensor | float) -> Tensor:
 def _blocked_softmax_forward(
     q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """softmax(scale·QKᵀ + bias)·V and its row log-sum-exp L, one tile of queries at a time.
+    """softmax(scale·QKᵀ + bias)·V and its row log-sum-exp L, one (rows, keys) tile at a time.
 
-    Rows are shifted by their own maximum m, so exp never overflows.  The row sums come out of
-    the second product as an extra channel (P·[V, 1]), which saves a pass over the tile.
+    The online softmax: a block of rows keeps its running maximum m and accumulates
+    Σⱼ exp(sᵢⱼ − mᵢ)·[vⱼ, 1] over the key blocks, rescaling by exp(m_old − m_new) when m grows,
+    so exp never overflows; the row sums come out of the product as the extra channel.
     """
     b, nq, d = q.shape
     nk, dv = k.shape[1], v.shape[2]
@@ -223,22 +212,34 @@ def _blocked_softmax_forward(
     lse = q.new_empty(b, nq)
     q_s = q * scale
     v_aug = _augment(v, 1.0)
-    nb = query_block(nq, nk)
+    nb, kb = tile_shape(nq, nk)
     tiles = _tiles(b, nq, nb)
 
     def worker(next_tile: Callable[[], int]) -> None:
-        buf = acc = None
+        buf, acc = q.new_empty(nb * kb), q.new_empty(nb, dv + 1)
         while (t := next_tile()) < len(tiles):
             i, r0, r1 = tiles[t]
             rows = r1 - r0
-            if buf is None or acc is None:
-                buf, acc = q.new_empty(nb * nk), q.new_empty(nb, dv + 1)
-            s = torch.mm(q_s[i, r0:r1], k[i].T, out=buf[: rows * nk].view(rows, nk))
-            if bias is not None:
-                s.add_(bias[i])
-            m = s.amax(dim=1, keepdim=True)
-            p = s.sub_(m).exp_()
-            o = torch.mm(p, v_aug[i], out=acc[:rows])  # [Σⱼ pᵢⱼ vⱼ, Σⱼ pᵢⱼ]
+            q_b, o = q_s[i, r0:r1], acc[:rows]
+            m = None
+            for c0 in range(0, nk, kb):
+                c1 = min(c0 + kb, nk)
+                s = torch.mm(q_b, k[i, c0:c1].T, out=buf[: rows * (c1 - c0)].view(rows, -1))
+                if bias is not None:
+                    s.add_(bias[i, c0:c1])
+                m_new = s.amax(dim=1, keepdim=True)
+                if m is not None:
+                    m_new = torch.maximum(m_new, m)
+                shift = m_new
+                if bias is not None:  # rows whose keys so far are all padding: m = −inf
+                    shift = m_new.masked_fill(m_new == float("-inf"), 0.0)
+                p = s.sub_(shift).exp_()
+                if m is None:
+                    torch.mm(p, v_aug[i, c0:c1], out=o)
+                else:  # exp(m_old − m_new) ≤ 1; 0 while m_old = −inf (o is still 0 then)
+                    o.mul_(torch.exp(m - shift)).addmm_(p, v_aug[i, c0:c1])
+                m = m_new
+            assert m is not None
             denom = o[:, dv:]
             torch.div(o[:, :dv], denom, out=out[i, r0:r1])
             lse[i, r0:r1] = m.add_(denom.log())[:, 0]
@@ -276,7 +277,7 @@ def _blocked_softmax_backward(
     q_s = q_aug[..., :d]
     k_s = k * scale
     dq = torch.empty_like(q)
-    nb, kb = backward_blocks(nq, nk)
+    nb, kb = tile_shape(nq, nk)
     tiles = _tiles(b, nq, nb)  # a task: all key blocks of one block of rows (it owns dQ's rows)
 
     def worker(next_tile: Callable[[], int]) -> tuple[Tensor, Tensor]:
