@@ -49,12 +49,13 @@ CASES = {  # name: (B, Nq, Nk, d)
 QUICK = {"quick": (1, 2048, 2048, 64)}
 METHODS = ("explicit", "auto", "sdpa", "previous")
 
-COMPETITOR = (
-    "import torch\n"
+COMPETITOR = (  # stops by itself when the benchmark is gone
+    "import os, torch\n"
+    "parent = os.getppid()\n"
     "torch.set_num_threads(1)\n"
     "a = torch.randn(1024, 1024)\n"
     "b = torch.empty_like(a)\n"
-    "while True:\n"
+    "while os.getppid() == parent:\n"
     "    torch.mm(a, a, out=b)\n"
 )
 
@@ -238,6 +239,8 @@ def main() -> int:
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
+    # SIGTERM (e.g. `timeout`) unwinds through `finally`, which stops the competitor.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     competitor = Competitor() if args.load else None
     try:
         for name, shape in cases.items():
