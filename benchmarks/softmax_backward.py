@@ -155,10 +155,12 @@ def run_case(
         q.grad = k.grad = v.grad = None
 
     for method in methods:  # warm-up (allocator, kernels, worker threads)
+        t0 = time.perf_counter()
         step(method)
+        print(f"  warm-up {method}: {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
     times: dict[tuple[str, str], list[float]] = {(c, m): [] for c in conditions for m in methods}
     cpu: dict[tuple[str, str], list[float]] = {(c, m): [] for c in conditions for m in methods}
-    for r in range(rounds):
+    for _ in range(rounds):
         for cond in conditions:
             if cond == "loaded":
                 competitor.resume()  # type: ignore[union-attr]
@@ -166,13 +168,9 @@ def run_case(
                 seconds, cpu_seconds = _measure(lambda m=method: step(m))
                 times[cond, method].append(seconds)
                 cpu[cond, method].append(cpu_seconds)
+                print(f"  {cond} {method}: {seconds:.2f}s", file=sys.stderr, flush=True)
             if cond == "loaded":
                 competitor.pause()  # type: ignore[union-attr]
-        print(
-            f"  round {r + 1}/{rounds}: "
-            + ", ".join(f"{c}/{m} {v[-1]:.2f}s" for (c, m), v in times.items()),
-            file=sys.stderr,
-        )
     gflop = 12 * b * nq * nk * d / 1e9
     rows = []
     for cond in conditions:
