@@ -217,6 +217,7 @@ def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monke
 def test_blocked_softmax_very_negative_logits_after_padding(monkeypatch):
     """float32 logits near −200 (exp underflows) after whole key blocks of padding: the
     running maximum must not be reset to 0 by the padded blocks."""
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)  # the blocked kernels
     monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 4)
     monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 4 * 4)  # 4-key blocks
     gen = torch.Generator().manual_seed(9)
@@ -235,6 +236,7 @@ def test_blocked_softmax_very_negative_logits_after_padding(monkeypatch):
 
 def test_blocked_softmax_gradcheck_on_workers(monkeypatch):
     """float64 gradcheck with the tiles spread over two workers (several tiles each)."""
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)  # the blocked kernels
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
     monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 4)
     monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 4 * 4)
@@ -278,6 +280,7 @@ def test_blocked_softmax_float32_error_is_rounding(form):
 
 def test_blocked_softmax_autocast_bf16_on_workers(monkeypatch):
     """Under bf16 autocast the softmax forms still run (in float32) through the workers."""
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)  # the blocked kernels
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
     gen = torch.Generator().manual_seed(8)
     t = [torch.randn(2, 130, 16, generator=gen, requires_grad=True) for _ in range(3)]
@@ -291,6 +294,31 @@ def test_blocked_softmax_autocast_bf16_on_workers(monkeypatch):
     torch.testing.assert_close(y32.float(), ref, rtol=1e-5, atol=1e-5)  # float32 inside
     for a, e in zip(grads, ref_grads):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_training_keeps_sdpa_where_it_wins(monkeypatch):
+    """Small affinity, no mask, d = dv, a batch element per thread: the fused kernel (same
+    values and gradients); otherwise the blocked kernels."""
+    calls = []
+    orig = fast_mod._SoftmaxAttentionCPU.apply
+    monkeypatch.setattr(
+        fast_mod._SoftmaxAttentionCPU, "apply", lambda *a: calls.append(1) or orig(*a)
+    )
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for b, expect_blocked in ((2, False), (1, True)):
+        calls.clear()
+        theta, phi, g, _ = make_inputs("embedded_gaussian", b=b, d=4, dv=4, grad=True)
+        res = _explicit_and_auto_grads(
+            "embedded_gaussian", [theta, phi, g], None, torch.ones(b, 7, 4, dtype=F64)
+        )
+        assert bool(calls) == expect_blocked
+        for a, e in zip(res["auto"], res["explicit"]):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    calls.clear()
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 41)  # 7 × 6 = 42 keys·queries
+    theta, phi, g, _ = make_inputs("embedded_gaussian", b=2, d=4, dv=4, grad=True)
+    nonlocal_attention(theta, phi, g, pairwise="embedded_gaussian").sum().backward()
+    assert calls
 
 
 def test_worker_threads_leave_thread_settings_alone(monkeypatch):
@@ -487,7 +515,8 @@ def test_errors_name_the_problem():
         nonlocal_attention(theta.long(), phi, g, pairwise="gaussian")
 
 
-def test_double_backward_is_refused_clearly():
+def test_double_backward_is_refused_clearly(monkeypatch):
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)  # the blocked kernels
     theta, phi, g, _ = make_inputs("embedded_gaussian", grad=True, d=4, dv=4)
     y = nonlocal_attention(theta, phi, g, pairwise="embedded_gaussian")
     (gt,) = torch.autograd.grad(y.sum(), theta, create_graph=True)

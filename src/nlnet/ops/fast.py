@@ -74,6 +74,11 @@ MAX_QUERY_BLOCK = 256
 MIN_PARALLEL_WORK = 1 << 24
 # Worker count override (tests); None: torch.get_num_threads() for large enough problems.
 PARALLEL_WORKERS: int | None = None
+# CPU training keeps PyTorch's fused SDPA kernel where it measured faster than the blocked
+# kernels: no mask, d = dv, at least one batch element per thread (its backward parallelises
+# over the batch only) and Nq·Nk up to this many (2×6272×1568: ~10% less CPU time; 8×784×196:
+# ~35%; at 1×12544×3136 its backward took 10× the blocked kernels' time).
+SDPA_TRAINING_MAX_AFFINITY = 1 << 24
 
 
 def tile_shape(nq: int, nk: int, tile_elements: int | None = None) -> tuple[int, int]:
@@ -371,7 +376,9 @@ def softmax_attention(
 
     * CPU, eager, gradients needed (float32/64), or d ≠ dv: :class:`_SoftmaxAttentionCPU`,
       the blocked kernels on worker threads (the fused CPU kernel needs d = dv and its backward
-      is slow); half-precision inputs are computed in float32 there.
+      is slow at large Nq·Nk or small batches); half-precision inputs are computed in float32
+      there.  Training at sizes where the fused kernel measured faster (see
+      ``SDPA_TRAINING_MAX_AFFINITY``) keeps it.
     * Otherwise (CUDA, inference, torch.compile/export): ``scaled_dot_product_attention``, the
       fused flash / memory-efficient kernels.  When d ≠ dv the narrower side is zero-padded,
       which changes neither θᵢᵀφⱼ nor y.
@@ -384,7 +391,13 @@ def softmax_attention(
         needs_grad = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
         )
-        if d != dv or (needs_grad and wide):
+        sdpa_wins = (
+            d == dv
+            and key_padding_mask is None
+            and q.shape[0] >= torch.get_num_threads()
+            and q.shape[1] * k.shape[1] <= SDPA_TRAINING_MAX_AFFINITY
+        )
+        if d != dv or (needs_grad and wide and not sdpa_wins):
             out_dtype = dtype
             if not wide:  # half inputs: compute the blocked path in float32 (no overflow)
                 q, k, v = q.float(), k.float(), v.float()
