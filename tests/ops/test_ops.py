@@ -156,10 +156,11 @@ def test_cpu_softmax_function_is_used_and_gradchecks():
 
 def test_blocked_paths_with_several_query_blocks(monkeypatch):
     """Force tiny tiles so the blocked forward/backward loop over many query blocks."""
-    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 20)
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 4)
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 2)
     theta, phi, g, _ = make_inputs("gaussian", b=2, nq=9, nk=5, d=4, dv=3, grad=True)
     mask = make_mask(nk=5)
-    assert fast_mod.query_block(2, 9, 5) == 2
+    assert fast_mod.tile_shape(9, 5) == (2, 2)  # 5 tiles of rows × 3 key blocks
     y = nonlocal_attention(theta, phi, g, pairwise="gaussian", key_padding_mask=mask)
     ref = loop_reference(theta.detach(), phi.detach(), g.detach(), pairwise="gaussian", mask=mask)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
@@ -171,6 +172,194 @@ def test_blocked_paths_with_several_query_blocks(monkeypatch):
         torch.testing.assert_close(
             nonlocal_attention(theta, phi, g, pairwise="gaussian", key_padding_mask=mask), ref
         )
+
+
+# -- the blocked softmax kernels (CPU): tiles on one-thread workers ------------------------------
+def _explicit_and_auto_grads(form, tensors, mask, dy):
+    out = {}
+    for backend in ("explicit", "auto"):
+        y = nonlocal_attention(*tensors, pairwise=form, key_padding_mask=mask, backend=backend)
+        out[backend] = (y, *torch.autograd.grad(y, tensors, dy))
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("form", ["gaussian", "embedded_gaussian"])
+def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monkeypatch):
+    """Values and gradients equal the explicit matrix's: odd sizes (Nq not a multiple of the
+    tile), batch 3, d ≠ dv, several workers sharing the tiles and summing their dK, dV."""
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", workers)
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 8)  # 37 rows = 4·8 + 5
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 8 * 7)
+    assert fast_mod.tile_shape(37, 23) == (8, 6)  # 23 keys = 6 + 6 + 6 + 5
+    gen = torch.Generator().manual_seed(4)
+    b, nq, nk, d, dv = 3, 37, 23, 6, 5
+    tensors = [
+        torch.randn(b, nq, d, generator=gen, dtype=F64, requires_grad=True),
+        torch.randn(b, nk, d, generator=gen, dtype=F64, requires_grad=True),
+        torch.randn(b, nk, dv, generator=gen, dtype=F64, requires_grad=True),
+    ]
+    mask = None
+    if use_mask:
+        mask = torch.rand(b, nk, generator=gen) < 0.3
+        mask[:, 0] = False  # at least one key per row
+        mask[0, :12], mask[0, 20] = True, False  # whole leading key blocks of padding
+    dy = torch.randn(b, nq, dv, generator=gen, dtype=F64)
+    res = _explicit_and_auto_grads(form, tensors, mask, dy)
+    for a, e in zip(res["auto"], res["explicit"]):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    if mask is not None:  # padded keys get no gradient
+        assert bool((res["auto"][2][mask] == 0).all()) and bool((res["auto"][3][mask] == 0).all())
+    assert res["auto"][2].abs().sum() > 0
+
+
+def test_blocked_softmax_very_negative_logits_after_padding(monkeypatch):
+    """float32 logits near −200 (exp underflows) after whole key blocks of padding: the
+    running maximum must not be reset to 0 by the padded blocks."""
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)  # the blocked kernels
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 4)
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 4 * 4)  # 4-key blocks
+    gen = torch.Generator().manual_seed(9)
+    theta = -torch.ones(2, 6, 8) * 5 + 0.1 * torch.randn(2, 6, 8, generator=gen)
+    phi = torch.ones(2, 12, 8) * 5 + 0.1 * torch.randn(2, 12, 8, generator=gen)
+    g = torch.randn(2, 12, 3, generator=gen)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, :8] = True  # the first two key blocks of batch 0 are padding
+    t = [x.requires_grad_() for x in (theta, phi, g)]
+    res = _explicit_and_auto_grads("gaussian", t, mask, torch.randn(2, 6, 3, generator=gen))
+    assert (theta @ phi.transpose(1, 2)).max() < -150
+    for a, e in zip(res["auto"], res["explicit"]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_blocked_softmax_gradcheck_on_workers(monkeypatch):
+    """float64 gradcheck with the tiles spread over two workers (several tiles each)."""
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)  # the blocked kernels
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 4)
+    monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 4 * 4)
+    theta, phi, g, _ = make_inputs("embedded_gaussian", b=2, nq=9, nk=6, d=4, dv=4, grad=True)
+    mask = make_mask()
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: nonlocal_attention(
+            a, b, c, pairwise="embedded_gaussian", key_padding_mask=mask
+        ),
+        (theta, phi, g),
+    )
+
+
+@pytest.mark.parametrize("form", ["gaussian", "embedded_gaussian"])
+def test_blocked_softmax_float32_error_is_rounding(form):
+    """float32: the blocked kernels are as close to the float64 truth as the explicit matrix
+    (a few units of float32 rounding), on a size that uses the worker threads."""
+    gen = torch.Generator().manual_seed(6)
+    b, nq, nk, d = 2, 700, 500, 48
+    work = b * nq * nk * d
+    assert work >= fast_mod.MIN_PARALLEL_WORK  # the default path, workers included
+    scale = 0.1 if form == "gaussian" else None  # logits of a few units: a peaked softmax
+    x64 = [torch.randn(b, n, d, generator=gen, dtype=F64) for n in (nq, nk, nk)]
+    dy = torch.randn(b, nq, d, generator=gen, dtype=F64)
+
+    def run(backend, dtype):
+        t = [x.to(dtype).requires_grad_() for x in x64]
+        y = nonlocal_attention(*t, pairwise=form, scale=scale, backend=backend)
+        return [y, *torch.autograd.grad(y, t, dy.to(dtype))]
+
+    truth = run("explicit", F64)
+    errs = {}
+    for backend in ("explicit", "auto"):
+        got = run(backend, torch.float32)
+        errs[backend] = [
+            ((x.double() - r).abs().max() / r.abs().max()).item() for x, r in zip(got, truth)
+        ]
+    for e_auto, e_ref in zip(errs["auto"], errs["explicit"]):
+        assert e_auto < 1e-5 and e_auto <= 4 * e_ref + 1e-7, errs
+
+
+def test_blocked_softmax_autocast_bf16_on_workers(monkeypatch):
+    """Under bf16 autocast the softmax forms still run (in float32) through the workers."""
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)  # the blocked kernels
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+    gen = torch.Generator().manual_seed(8)
+    t = [torch.randn(2, 130, 16, generator=gen, requires_grad=True) for _ in range(3)]
+    ref = nonlocal_attention(*t, pairwise="embedded_gaussian", backend="explicit")
+    ref_grads = torch.autograd.grad(ref.sum(), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nonlocal_attention(*(x.to(torch.bfloat16) for x in t), pairwise="gaussian")
+        y32 = nonlocal_attention(*t, pairwise="embedded_gaussian")
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    grads = torch.autograd.grad(y32.float().sum(), t)
+    torch.testing.assert_close(y32.float(), ref, rtol=1e-5, atol=1e-5)  # float32 inside
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_training_keeps_sdpa_where_it_wins(monkeypatch):
+    """Small affinity, no mask, d = dv, a batch element per thread: the fused kernel (same
+    values and gradients); otherwise the blocked kernels."""
+    calls = []
+    orig = fast_mod._SoftmaxAttentionCPU.apply
+    monkeypatch.setattr(
+        fast_mod._SoftmaxAttentionCPU, "apply", lambda *a: calls.append(1) or orig(*a)
+    )
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for b, expect_blocked in ((2, False), (1, True)):
+        calls.clear()
+        theta, phi, g, _ = make_inputs("embedded_gaussian", b=b, d=4, dv=4, grad=True)
+        res = _explicit_and_auto_grads(
+            "embedded_gaussian", [theta, phi, g], None, torch.ones(b, 7, 4, dtype=F64)
+        )
+        assert bool(calls) == expect_blocked
+        for a, e in zip(res["auto"], res["explicit"]):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    calls.clear()
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 41)  # 7 × 6 = 42 keys·queries
+    theta, phi, g, _ = make_inputs("embedded_gaussian", b=2, d=4, dv=4, grad=True)
+    nonlocal_attention(theta, phi, g, pairwise="embedded_gaussian").sum().backward()
+    assert calls
+
+
+def test_worker_threads_leave_thread_settings_alone(monkeypatch):
+    """The workers run one-thread ops; the caller's and new threads' settings are unchanged."""
+    import threading
+
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+    monkeypatch.setattr(fast_mod, "_POOL", None)  # create the workers in this test
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 10)  # 4 tiles of rows
+    before = torch.get_num_threads()
+    t = [torch.randn(1, 40, 8).requires_grad_() for _ in range(3)]
+    nonlocal_attention(*t, pairwise="gaussian").sum().backward()
+    assert fast_mod._POOL is not None and fast_mod._POOL.size == 2
+    assert torch.get_num_threads() == before
+    seen = []
+    th = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    th.start()
+    th.join()
+    assert seen == [before]
+    inside = fast_mod._POOL.run([torch.get_num_threads, torch.is_grad_enabled])
+    assert inside == [1, False]
+
+
+def test_worker_errors_reach_the_caller(monkeypatch):
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+
+    def worker(next_tile):
+        while next_tile() < 5:
+            pass
+        raise ValueError("boom in a worker")
+
+    with pytest.raises(ValueError, match="boom in a worker"):
+        fast_mod._run_tiles(5, 1 << 30, worker)
+    tiles = []
+
+    def collect(next_tile):
+        while (t := next_tile()) < 7:
+            tiles.append(t)
+
+    fast_mod._run_tiles(7, 1 << 30, collect)  # the pool still works, every tile done once
+    assert sorted(tiles) == list(range(7))
 
 
 def test_float32_gradients_match_explicit():
@@ -263,6 +452,7 @@ def test_no_affinity_matrix_is_allocated_by_auto(monkeypatch):
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 1 << 18)  # 1/16 of the matrix below
+    monkeypatch.setattr(fast_mod, "MIN_PARALLEL_WORK", 0)  # workers too (all threads profiled)
 
     gen = torch.Generator().manual_seed(0)
     nq = nk = 2048
@@ -325,7 +515,8 @@ def test_errors_name_the_problem():
         nonlocal_attention(theta.long(), phi, g, pairwise="gaussian")
 
 
-def test_double_backward_is_refused_clearly():
+def test_double_backward_is_refused_clearly(monkeypatch):
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)  # the blocked kernels
     theta, phi, g, _ = make_inputs("embedded_gaussian", grad=True, d=4, dv=4)
     y = nonlocal_attention(theta, phi, g, pairwise="embedded_gaussian")
     (gt,) = torch.autograd.grad(y.sum(), theta, create_graph=True)

@@ -2,8 +2,11 @@
 
 * Softmax forms (Eq. 2–3): PyTorch's fused ``scaled_dot_product_attention`` (flash /
   memory-efficient kernels on CPU and CUDA), which never materialises the affinity; on CPU, when
-  gradients are needed, a FlashAttention-style autograd Function whose backward recomputes the
-  affinity in query blocks with plain matmuls (the fused kernel's CPU backward is slow).
+  gradients are needed, a FlashAttention-2-style autograd Function: the forward keeps only the
+  row log-sum-exp, the backward recomputes the affinity in tiles of query rows with plain
+  matmuls (the fused kernel's CPU backward is slow), and the tiles are shared dynamically by
+  one-thread worker threads, so that other jobs on the machine slow it no more than they slow
+  the explicit matrix.
 * Dot product (Eq. 4): matrix products are associative, so (θφᵀ/N)·g = θ·(φᵀg)/N.  That is
   O(N·d·dv) instead of O(Nq·Nk·d) and needs only a d × dv intermediate.
 * Concatenation (Eq. 5): w_fᵀ[θᵢ, φⱼ] = aᵢ + bⱼ.  With the keys sorted by bⱼ (descending), the keys
@@ -15,12 +18,21 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from nlnet.ops.pairwise import concat_projections, valid_key_count, widen
+
+T = TypeVar("T")
 
 
 def _autocast_off(t: Tensor) -> torch.autocast:
@@ -41,62 +53,282 @@ def is_tracing() -> bool:
     )
 
 
-# Elements of one (B, nb, Nk) tile of the affinity in the blocked CPU kernels: 2 Mi float32 is
-# 8 MiB per buffer, large enough for matmuls near peak and small against the Nq × Nk matrix.
-TILE_ELEMENTS = 1 << 21
+# -- softmax forms on CPU: blocked kernels on one-thread workers -------------------------------
+#
+# The affinity is processed one (nb, Nk) tile of query rows at a time.  Each tile costs a few
+# large matrix products (the flops) and two or three elementwise passes; the tiles are handed out
+# dynamically to worker threads that each run one-thread BLAS calls.  No OpenMP barrier separates
+# the operations, so a core taken by another process slows only its own worker, while the other
+# keeps taking tiles (with one parallel region per small op, every op waits for the slowest
+# thread, which is what made the blocked kernels slow under load).
+
+# Elements of one (nb, kb) tile of the affinity (nb query rows, kb keys): 256 Ki float32 =
+# 1 MiB, so a worker's tiles and the key block they use stay in its core's L2 cache, where the
+# products run ~20% faster than on whole rows streamed from L3 (measured with one thread at
+# Nk = 12544: 150 vs 125 GFLOP/s).
+TILE_ELEMENTS = 1 << 18
+# Rows per tile at most: the backward's dK += dSᵀQ, dV += PᵀdY products have nb as inner size,
+# and 256 already reaches the peak.
+MAX_QUERY_BLOCK = 256
+# B·Nq·Nk·d below which the kernels run on the calling thread only (thread hand-off ≈ 0.1 ms).
+MIN_PARALLEL_WORK = 1 << 24
+# Worker count override (tests); None: torch.get_num_threads() for large enough problems.
+PARALLEL_WORKERS: int | None = None
+# CPU training keeps PyTorch's fused SDPA kernel where it measured faster than the blocked
+# kernels: no mask, d = dv, at least one batch element per thread (its backward parallelises
+# over the batch only) and Nq·Nk up to this many (2×6272×1568: ~10% less CPU time; 8×784×196:
+# ~35%; at 1×12544×3136 its backward took 10× the blocked kernels' time).
+SDPA_TRAINING_MAX_AFFINITY = 1 << 24
 
 
-def query_block(batch: int, nq: int, nk: int, tile_elements: int | None = None) -> int:
-    """Rows per query block so that one (batch, nb, Nk) tile holds about ``tile_elements``."""
+def tile_shape(nq: int, nk: int, tile_elements: int | None = None) -> tuple[int, int]:
+    """(rows nb, keys kb) of the tiles: about ``tile_elements`` (default ``TILE_ELEMENTS``)
+    elements each, the keys split into near-equal blocks."""
     budget = TILE_ELEMENTS if tile_elements is None else tile_elements
-    return max(1, min(nq, budget // max(1, batch * nk)))
+    nb = max(1, min(nq, MAX_QUERY_BLOCK))
+    kb = max(1, budget // nb)
+    n_blocks = -(-nk // kb)
+    kb = -(-nk // n_blocks)
+    if kb >= 64:
+        kb = min(nk, -(-kb // 16) * 16)  # whole SIMD panels
+    return nb, kb
+
+
+def _workers(work: int, tiles: int) -> int:
+    """How many workers to use for ``tiles`` tiles of a problem of B·Nq·Nk·d = ``work``."""
+    if PARALLEL_WORKERS is not None:
+        return max(1, PARALLEL_WORKERS)
+    if work < MIN_PARALLEL_WORK:
+        return 1
+    return max(1, min(torch.get_num_threads(), tiles))
+
+
+class _WorkerPool:
+    """Long-lived threads whose PyTorch ops run on one thread each (OpenMP and MKL).
+
+    ``torch.set_num_threads`` is per thread for the OpenMP and MKL settings, but it also sets the
+    process default that threads inherit on their first parallel op; the creating thread restores
+    that default once the workers have set theirs, so nothing else sees a change.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(size)]
+        n_main = torch.get_num_threads()  # initialises this thread's own settings first
+        ready = threading.Barrier(size + 1)
+        for q in self._queues:
+            threading.Thread(
+                target=self._loop, args=(q, ready), daemon=True, name="nlnet-softmax"
+            ).start()
+        ready.wait()
+        torch.set_num_threads(n_main)
+
+    @staticmethod
+    def _loop(tasks: queue.SimpleQueue, ready: threading.Barrier) -> None:
+        # PyTorch initialises a thread's settings from the process default on its first query
+        # or parallel op (once); do that first, or it would later undo the one-thread setting.
+        torch.get_num_threads()
+        torch.set_num_threads(1)
+        ready.wait()
+        while True:
+            fn, results = tasks.get()
+            try:
+                with torch.no_grad():  # grad mode is per thread; the kernels build no graph
+                    results.put((True, fn()))
+            except BaseException as e:  # re-raised in the calling thread
+                results.put((False, e))
+
+    def run(self, fns: list[Callable[[], T]]) -> list[T]:
+        """Run ``fns[w]`` on worker ``w`` (all at once) and return their results in order."""
+        results: list[queue.SimpleQueue] = []
+        for tasks, fn in zip(self._queues, fns):
+            results.append(queue.SimpleQueue())
+            tasks.put((fn, results[-1]))
+        outcomes = [r.get() for r in results]
+        for ok, value in outcomes:
+            if not ok:
+                raise value
+        return [value for _, value in outcomes]
+
+
+_POOL: _WorkerPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _reset_pool_after_fork() -> None:
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()  # the threads do not exist in a forked child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+def _run_tiles(n_tiles: int, work: int, worker: Callable[[Callable[[], int]], T]) -> list[T]:
+    """Call ``worker(next_tile)`` on each of the chosen workers; tiles go to whoever is free.
+
+    ``next_tile()`` returns the next unclaimed tile index (≥ ``n_tiles`` when none is left).
+    """
+    counter = itertools.count()  # next() on it is atomic under the GIL
+    take = counter.__next__
+    n = min(_workers(work, n_tiles), max(1, n_tiles))
+    if n == 1:
+        return [worker(take)]
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL.size < n:
+            _POOL = _WorkerPool(n)
+        pool = _POOL
+    return pool.run([lambda: worker(take) for _ in range(n)])
 
 
 def _mask_bias(key_padding_mask: Tensor | None, like: Tensor) -> Tensor | None:
-    """(B, Nk) bool padding mask → (B, 1, Nk) additive bias: 0 for keys, -inf for padding."""
+    """(B, Nk) bool padding mask → (B, Nk) additive bias: 0 for keys, -inf for padding."""
     if key_padding_mask is None:
         return None
     bias = torch.zeros(key_padding_mask.shape, dtype=like.dtype, device=like.device)
-    return bias.masked_fill(key_padding_mask, float("-inf"))[:, None, :]
+    return bias.masked_fill(key_padding_mask, float("-inf"))
+
+
+def _tiles(batch: int, nq: int, nb: int) -> list[tuple[int, int, int]]:
+    return [(b, r0, min(r0 + nb, nq)) for b in range(batch) for r0 in range(0, nq, nb)]
+
+
+def _augment(x: Tensor, last: Tensor | float) -> Tensor:
+    """[x, last] along the channels: (B, N, c) → (B, N, c + 1)."""
+    y = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+    y[..., :-1] = x
+    y[..., -1] = last
+    return y
 
 
 def _blocked_softmax_forward(
     q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """softmax(scale·QKᵀ + bias)·V and its row log-sum-exp, one block of queries at a time.
+    """softmax(scale·QKᵀ + bias)·V and its row log-sum-exp L, one (rows, keys) tile at a time.
 
-    Only a (B, nb, Nk) tile of the affinity exists at once; rows are normalised with their own
-    maximum, so exp never overflows.
+    The online softmax: a block of rows keeps its running maximum m and accumulates
+    Σⱼ exp(sᵢⱼ − mᵢ)·[vⱼ, 1] over the key blocks, rescaling by exp(m_old − m_new) when m grows,
+    so exp never overflows; the row sums come out of the product as the extra channel.
     """
-    b, nq, _ = q.shape
-    nk = k.shape[1]
-    out = q.new_empty(b, nq, v.shape[2])
+    b, nq, d = q.shape
+    nk, dv = k.shape[1], v.shape[2]
+    out = q.new_empty(b, nq, dv)
     lse = q.new_empty(b, nq)
-    k_t = k.transpose(1, 2)
-    nb = query_block(b, nq, nk)
-    for i0 in range(0, nq, nb):
-        i1 = min(i0 + nb, nq)
-        s = torch.bmm(q[:, i0:i1], k_t).mul_(scale)
-        if bias is not None:
-            s.add_(bias)
-        m = s.amax(dim=-1, keepdim=True)
-        p = s.sub_(m).exp_()
-        denom = p.sum(dim=-1, keepdim=True)
-        torch.bmm(p, v, out=out[:, i0:i1])
-        out[:, i0:i1].div_(denom)
-        lse[:, i0:i1] = (m + denom.log()).squeeze(-1)
+    q_s = q * scale
+    v_aug = _augment(v, 1.0)
+    nb, kb = tile_shape(nq, nk)
+    tiles = _tiles(b, nq, nb)
+
+    def worker(next_tile: Callable[[], int]) -> None:
+        buf, acc = q.new_empty(nb * kb), q.new_empty(nb, dv + 1)
+        while (t := next_tile()) < len(tiles):
+            i, r0, r1 = tiles[t]
+            rows = r1 - r0
+            q_b, o = q_s[i, r0:r1], acc[:rows]
+            m = None
+            for c0 in range(0, nk, kb):
+                c1 = min(c0 + kb, nk)
+                s = torch.mm(q_b, k[i, c0:c1].T, out=buf[: rows * (c1 - c0)].view(rows, -1))
+                if bias is not None:
+                    s.add_(bias[i, c0:c1])
+                m_new = s.amax(dim=1, keepdim=True)
+                if m is not None:
+                    m_new = torch.maximum(m_new, m)
+                shift = m_new
+                if bias is not None:  # rows whose keys so far are all padding: m = −inf
+                    shift = m_new.masked_fill(m_new == float("-inf"), 0.0)
+                p = s.sub_(shift).exp_()
+                if m is None:
+                    torch.mm(p, v_aug[i, c0:c1], out=o)
+                else:  # exp(m_old − m_new) ≤ 1; 0 while m_old = −inf (o is still 0 then)
+                    o.mul_(torch.exp(m - shift)).addmm_(p, v_aug[i, c0:c1])
+                m = m_new
+            assert m is not None
+            denom = o[:, dv:]
+            torch.div(o[:, :dv], denom, out=out[i, r0:r1])
+            lse[i, r0:r1] = m.add_(denom.log())[:, 0]
+
+    _run_tiles(len(tiles), b * nq * nk * d, worker)
     return out, lse
+
+
+def _blocked_softmax_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    bias: Tensor | None,
+    grad_out: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of softmax(scale·QKᵀ + bias)·V, recomputing P one (rows, keys) tile at a time.
+
+    The FlashAttention-2 recurrence with D = rowsum(dY∘Y):  P = exp(s·QKᵀ + bias − L),
+    dS = P∘(dY·Vᵀ − D),  dQ = s·dS·K,  dK = s·Σ dSᵀ·Q,  dV = Σ Pᵀ·dY.  The subtractions of L and
+    D ride inside the products as an extra channel ([sQ, −L]·[K, 1]ᵀ, [dY, −D]·[V, 1]ᵀ), so a
+    tile costs five products and two elementwise passes (exp, ∘).  A worker takes a block of
+    rows at a time (so it alone writes those rows of dQ) and goes over the key blocks; each
+    worker accumulates its own dK, dV, summed at the end.
+    """
+    b, nq, d = q.shape
+    nk = k.shape[1]
+    delta = torch.linalg.vecdot(grad_out, out)  # D_i = Σ_c dY_ic Y_ic
+    q_aug = _augment(q * scale, -lse)  # [sQ, −L]
+    k_aug = _augment(k, 1.0)
+    dy_aug = _augment(grad_out, -delta)  # [dY, −D]
+    v_aug = _augment(v, 1.0)
+    q_s = q_aug[..., :d]
+    k_s = k * scale
+    dq = torch.empty_like(q)
+    nb, kb = tile_shape(nq, nk)
+    tiles = _tiles(b, nq, nb)  # a task: all key blocks of one block of rows (it owns dQ's rows)
+
+    def worker(next_tile: Callable[[], int]) -> tuple[Tensor, Tensor]:
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        buf_p, buf_ds = q.new_empty(nb * kb), q.new_empty(nb * kb)
+        while (t := next_tile()) < len(tiles):
+            i, r0, r1 = tiles[t]
+            rows = r1 - r0
+            qa_b, dya_b, qs_b, dy_b = (
+                q_aug[i, r0:r1],
+                dy_aug[i, r0:r1],
+                q_s[i, r0:r1],
+                grad_out[i, r0:r1],
+            )
+            dq_b = dq[i, r0:r1]
+            for c0 in range(0, nk, kb):
+                c1 = min(c0 + kb, nk)
+                shape = (rows, c1 - c0)
+                p = torch.mm(qa_b, k_aug[i, c0:c1].T, out=buf_p[: shape[0] * shape[1]].view(shape))
+                if bias is not None:
+                    p.add_(bias[i, c0:c1])
+                p.exp_()
+                ds = torch.mm(dya_b, v_aug[i, c0:c1].T, out=buf_ds[: p.numel()].view(shape))
+                ds.mul_(p)
+                if c0 == 0:
+                    torch.mm(ds, k_s[i, c0:c1], out=dq_b)
+                else:
+                    dq_b.addmm_(ds, k_s[i, c0:c1])
+                dk[i, c0:c1].addmm_(ds.T, qs_b)
+                dv[i, c0:c1].addmm_(p.T, dy_b)
+        return dk, dv
+
+    partial = _run_tiles(len(tiles), b * nq * nk * d, worker)
+    dk, dv = partial[0]
+    for dk_w, dv_w in partial[1:]:
+        dk.add_(dk_w)
+        dv.add_(dv_w)
+    return dq, dk, dv
 
 
 class _SoftmaxAttentionCPU(torch.autograd.Function):
     """softmax(scale·θφᵀ)·g (Eq. 2–3) with a memory-frugal, matmul-speed backward for CPUs.
 
-    Forward: the fused flash kernel when d = dv (it returns the row log-sum-exp L), else a blocked
-    matmul forward.  Only (θ, φ, g, y, L) are saved.  Backward recomputes the affinity one query
-    block at a time with plain matmuls (the FlashAttention recurrence):
-    P = exp(s·QKᵀ − L), dP = dY·Vᵀ, dS = P∘(dP − D) with D = rowsum(dY∘Y), then
-    dQ = s·dS·K, dK += s·dSᵀ·Q, dV += Pᵀ·dY.  On this CPU it is ~1.3× faster than the fused
-    kernel's own backward and exact (float64 gradcheck in the tests).
+    Forward: :func:`_blocked_softmax_forward`; only (θ, φ, g, y, L) are saved.  Backward:
+    :func:`_blocked_softmax_backward`, which recomputes the affinity one tile at a time.  Exact
+    (float64 gradcheck in the tests); never holds more than a few (nb, Nk) tiles.
     """
 
     @staticmethod
@@ -108,18 +340,9 @@ class _SoftmaxAttentionCPU(torch.autograd.Function):
         scale: float,
         bias: Tensor | None,
     ) -> Tensor:
-        # The fused CPU kernel mis-handles some strided inputs (e.g. the block's transposed
-        # (B, C, N) views) in torch 2.14; contiguous copies cost O(N·d) and keep it exact.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with _autocast_off(q):
-            if q.shape[-1] == v.shape[-1]:
-                mask4 = None if bias is None else bias[:, None]
-                out4, lse4 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q[:, None], k[:, None], v[:, None], attn_mask=mask4, scale=scale
-                )
-                out, lse = out4[:, 0], lse4[:, 0]
-            else:
-                out, lse = _blocked_softmax_forward(q, k, v, scale, bias)
+            out, lse = _blocked_softmax_forward(q, k, v, scale, bias)
         ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.scale = scale
         return out
@@ -130,33 +353,10 @@ class _SoftmaxAttentionCPU(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
     ) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, bias = ctx.saved_tensors
-        scale: float = ctx.scale
         with _autocast_off(q):
-            grad_out = grad_out.contiguous()
-            b, nq, _ = q.shape
-            nk = k.shape[1]
-            dq = torch.empty_like(q)
-            dk = torch.zeros_like(k)
-            dv = torch.zeros_like(v)
-            delta = (grad_out * out).sum(dim=-1, keepdim=True)  # D_i = Σ_c dY_ic Y_ic
-            neg_lse = -lse[:, :, None]
-            k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
-            nb = query_block(b, nq, nk)
-            for i0 in range(0, nq, nb):
-                i1 = min(i0 + nb, nq)
-                qb, dyb = q[:, i0:i1], grad_out[:, i0:i1]
-                # P = exp(s·QKᵀ + bias − L): the forward's softmax, recomputed for this block.
-                p = torch.baddbmm(neg_lse[:, i0:i1], qb, k_t, alpha=scale)
-                if bias is not None:
-                    p.add_(bias)
-                p.exp_()
-                # dS = P ∘ (dY·Vᵀ − D); the subtraction rides on the matmul (beta = −1).
-                ds = torch.baddbmm(delta[:, i0:i1], dyb, v_t, beta=-1).mul_(p)
-                torch.bmm(ds, k, out=dq[:, i0:i1])
-                dk.baddbmm_(ds.transpose(1, 2), qb)
-                dv.baddbmm_(p.transpose(1, 2), dyb)
-            dq.mul_(scale)
-            dk.mul_(scale)
+            dq, dk, dv = _blocked_softmax_backward(
+                q, k, v, out, lse, bias, grad_out.contiguous(), ctx.scale
+            )
         return dq, dk, dv, None, None
 
 
@@ -174,8 +374,11 @@ def softmax_attention(
 ) -> Tensor:
     """softmax(scale·θφᵀ)·g (Eq. 2–3) without the Nq × Nk matrix; padded keys are excluded.
 
-    * CPU, eager, gradients needed (float32/64), or d ≠ dv: :class:`_SoftmaxAttentionCPU` /
-      the blocked forward (the fused CPU kernel needs d = dv and its backward is slow here).
+    * CPU, eager, gradients needed (float32/64), or d ≠ dv: :class:`_SoftmaxAttentionCPU`,
+      the blocked kernels on worker threads (the fused CPU kernel needs d = dv and its backward
+      is slow at large Nq·Nk or small batches); half-precision inputs are computed in float32
+      there.  Training at sizes where the fused kernel measured faster (see
+      ``SDPA_TRAINING_MAX_AFFINITY``) keeps it.
     * Otherwise (CUDA, inference, torch.compile/export): ``scaled_dot_product_attention``, the
       fused flash / memory-efficient kernels.  When d ≠ dv the narrower side is zero-padded,
       which changes neither θᵢᵀφⱼ nor y.
@@ -188,7 +391,13 @@ def softmax_attention(
         needs_grad = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
         )
-        if d != dv or (needs_grad and wide):
+        sdpa_wins = (
+            d == dv
+            and key_padding_mask is None
+            and q.shape[0] >= torch.get_num_threads()
+            and q.shape[1] * k.shape[1] <= SDPA_TRAINING_MAX_AFFINITY
+        )
+        if d != dv or (needs_grad and wide and not sdpa_wins):
             out_dtype = dtype
             if not wide:  # half inputs: compute the blocked path in float32 (no overflow)
                 q, k, v = q.float(), k.float(), v.float()
