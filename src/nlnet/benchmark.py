@@ -31,6 +31,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from nlnet.io import atomic_write_text
+
 FORMS = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 
 
@@ -344,10 +346,7 @@ def run(args: argparse.Namespace) -> int:
     if report:
         print("\nTargets (issue 2, 12544 × 12544, fwd+bwd):\n" + report)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
     return 0
 
 
@@ -589,8 +588,5 @@ def run_model(args: argparse.Namespace) -> int:
     if report:
         print("\nTargets (issue 11, item 1):\n" + report)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
     return 0 if all_met else 1

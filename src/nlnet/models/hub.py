@@ -34,20 +34,24 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import hashlib
-import http.client
 import json
 import os
-import re
-import sys
 import tarfile
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+from nlnet.models.io import (
+    ChecksumError,
+    DownloadError,
+    WeightsError,
+    download,
+    hash_prefix_from_name,
+    is_url,
+    sha256_file,
+)
 
 __all__ = [
     "ChecksumError",
@@ -91,18 +95,6 @@ MMA_PAGE = "https://github.com/open-mmlab/mmaction2/tree/main/configs/recognitio
 
 #: Source formats a registry entry may name; those in ``convert.FORMATS`` have a converter.
 SOURCE_FORMATS: tuple[str, ...] = ("caffe2", "slowfast", "mmaction2", "pytorchvideo")
-
-
-class WeightsError(RuntimeError):
-    """Base class of the registry's download / verification errors."""
-
-
-class DownloadError(WeightsError):
-    """The download failed or was cut short; nothing was cached."""
-
-
-class ChecksumError(WeightsError):
-    """A file's sha256 does not start with the publisher's prefix; it was not cached."""
 
 
 class OfflineError(WeightsError):
@@ -598,73 +590,6 @@ def _env_offline() -> bool:
     return os.environ.get("NLNET_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://", "file://"))
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def hash_prefix_from_name(filename: str) -> str | None:
-    """The sha256 prefix a file name carries (torch.hub's ``HASH_REGEX``: ``-<hex>.``)."""
-    from torch.hub import HASH_REGEX
-
-    m = re.search(HASH_REGEX, filename)
-    return m.group(1) if m and m.group(1) else None
-
-
-def _download(url: str, dst: Path, *, sha256: str | None, progress: bool) -> Path:
-    """Fetch ``url`` to ``dst`` with a progress bar; check length and sha256 prefix; atomic."""
-    from tqdm import tqdm
-
-    from nlnet.io import atomic_write
-
-    request = urllib.request.Request(url, headers={"User-Agent": "nlnet (torch.hub cache)"})
-    digest = hashlib.sha256()
-    received = 0
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp, atomic_write(dst) as fh:
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            with tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                disable=not progress,
-                desc=dst.name,
-                file=sys.stderr,
-            ) as bar:
-                while chunk := resp.read(1 << 20):
-                    fh.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and received != total:
-                raise DownloadError(
-                    f"download of {url} was interrupted: received {received} of {total} bytes; "
-                    f"nothing was cached (run again to retry)"
-                )
-            if sha256 is not None and not digest.hexdigest().startswith(sha256.lower()):
-                raise ChecksumError(
-                    f"{url}: sha256 {digest.hexdigest()} does not start with the publisher's "
-                    f"{sha256!r}; the file was removed and not cached (a corrupted or replaced "
-                    "download)"
-                )
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-        raise DownloadError(
-            f"could not download {url}: {err}; nothing was cached (for a machine without "
-            f"network, place the file at {dst})"
-        ) from err
-    return dst
-
-
 def _verify_cached(path: Path, sha256: str | None) -> None:
     if sha256 is None:
         return
@@ -710,7 +635,7 @@ def _fetch(
         return dst
     if offline:
         raise _offline_error(owner if owner is not None else url, dst)
-    return _download(url, dst, sha256=sha256, progress=progress)
+    return download(url, dst, sha256=sha256, progress=progress)
 
 
 def _extract_member(tar_path: Path, member: str, dst: Path) -> Path:
@@ -896,7 +821,7 @@ def resolve_weights(
     if isinstance(spec, WeightsEntry):
         return _resolve_entry(spec, offline=offline, progress=progress, cache=cache)
     text = os.fspath(spec)
-    if _is_url(text):
+    if is_url(text):
         for entry in _ENTRIES.values():
             if entry.url == text and entry.member is None:
                 return _resolve_entry(entry, offline=offline, progress=progress, cache=cache)

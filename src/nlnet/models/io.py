@@ -27,10 +27,16 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import http.client
 import io
 import os
 import pickle
+import re
+import sys
 import tarfile
+import urllib.error
+import urllib.request
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nlnet.io import atomic_save
+from nlnet.io import atomic_save, atomic_write
 
 FORMAT = "nlnet"
 FORMAT_VERSION = 1
@@ -116,12 +122,86 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://", "file://"))
 
 
+class WeightsError(RuntimeError):
+    """Base class of the download / verification errors of weight files."""
+
+
+class DownloadError(WeightsError):
+    """The download failed or was cut short; nothing was cached."""
+
+
+class ChecksumError(WeightsError):
+    """A file's sha256 does not start with the publisher's prefix; it was not cached."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_prefix_from_name(filename: str) -> str | None:
+    """The sha256 prefix a file name carries (torch.hub's ``HASH_REGEX``: ``-<hex>.``)."""
+    from torch.hub import HASH_REGEX
+
+    m = re.search(HASH_REGEX, filename)
+    return m.group(1) if m and m.group(1) else None
+
+
+def download(url: str, dst: Path, *, sha256: str | None = None, progress: bool = True) -> Path:
+    """Fetch ``url`` to ``dst`` with a progress bar; check length and sha256 prefix; atomic."""
+    from tqdm import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "nlnet (torch.hub cache)"})
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp, atomic_write(dst) as fh:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                disable=not progress,
+                desc=dst.name,
+                file=sys.stderr,
+            ) as bar:
+                while chunk := resp.read(1 << 20):
+                    fh.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                raise DownloadError(
+                    f"download of {url} was interrupted: received {received} of {total} bytes; "
+                    f"nothing was cached (run again to retry)"
+                )
+            if sha256 is not None and not digest.hexdigest().startswith(sha256.lower()):
+                raise ChecksumError(
+                    f"{url}: sha256 {digest.hexdigest()} does not start with the publisher's "
+                    f"{sha256!r}; the file was removed and not cached (a corrupted or replaced "
+                    "download)"
+                )
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        raise DownloadError(
+            f"could not download {url}: {err}; nothing was cached (for a machine without "
+            f"network, place the file at {dst})"
+        ) from err
+    return dst
+
+
 def fetch(
     url: str, *, model_dir: str | os.PathLike[str] | None = None, progress: bool = True
 ) -> Path:
     """Download ``url`` once into torch hub's cache (``$TORCH_HOME/hub/checkpoints``) and return
-    the local path (``file://`` URLs are copied there too). The download goes to a temporary
-    file first (``torch.hub.download_url_to_file``), so an interrupted one leaves nothing."""
+    the local path (``file://`` URLs are copied there too) through :func:`download`: a progress
+    bar, a temporary file, the length checked, and the sha256 prefix a file name carries
+    (torch.hub's ``-<hex>.`` convention) verified, so a cut or corrupted download leaves nothing."""
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
@@ -129,7 +209,7 @@ def fetch(
     cache.mkdir(parents=True, exist_ok=True)
     dst = cache / os.path.basename(parsed.path)
     if not dst.exists():
-        torch.hub.download_url_to_file(url, str(dst), progress=progress)
+        download(url, dst, sha256=hash_prefix_from_name(dst.name), progress=progress)
     return dst
 
 
