@@ -21,7 +21,7 @@ from nlnet.engine.checkpoint import (
 from nlnet.engine.classification import ClassificationTask, collate_views
 from nlnet.engine.optim import StepSchedule, build_optimizer, param_groups, plan_batches, set_lr
 from nlnet.engine.precise_bn import update_bn_stats
-from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
+from nlnet.engine.samplers import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.io import atomic_save
 from nlnet.models import FrozenBatchNorm, freeze_batch_norm, load_weights
 

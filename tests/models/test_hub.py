@@ -31,7 +31,7 @@ from nlnet.classes import charades157, kinetics400
 from nlnet.models import create_model, hub, list_models, register_model
 from nlnet.models.convert import CONVERTERS, FORMATS
 from nlnet.models.resnet import VideoResNet
-from nlnet.models.zoo import LAYOUTS
+from nlnet.models.zoo import TEMPORAL_VARIANTS
 
 TINY = "hubtest_tiny"
 
@@ -44,7 +44,7 @@ def _tiny(
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Two bottleneck stages (res2 I3D, res3 C2D) and one NL block after res3 block 0."""
-    layout = LAYOUTS[variant]
+    layout = TEMPORAL_VARIANTS[variant]
     return VideoResNet(
         stage_blocks=(1, 1),
         stage_widths=(4, 8),
@@ -551,7 +551,7 @@ def test_original_layouts_follow_the_release() -> None:
     assert hub.get_weights("c2d_r50.pysf_nopool_8x8_k400").model_kwargs["variant"] == (
         "slowfast_nopool"
     )
-    assert LAYOUTS["slowfast_nopool"]["pool2"] is None
+    assert TEMPORAL_VARIANTS["slowfast_nopool"]["pool2"] is None
 
 
 # -- class names ------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, so it loads with
 ``torch.load(weights_only=True)``: ``model``, ``optimizer``, ``schedule``, ``scaler``, ``rng``
 (one entry per process), ``iteration`` (the data position follows from it, see
-``engine/sampling.py``), ``config`` and ``nlnet_checkpoint`` (format version).
+``engine/samplers.py``), ``config`` and ``nlnet_checkpoint`` (format version).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from nlnet.config import Config
 from nlnet.engine import distributed as dist
 from nlnet.engine.checkpoint import is_engine_checkpoint, unwrap
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
-from nlnet.engine.sampling import ShardSampler
+from nlnet.engine.samplers import ShardSampler
 from nlnet.engine.task import Task, build_task
 from nlnet.models import LoadReport, load_weights, read_checkpoint
 

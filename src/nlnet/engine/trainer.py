@@ -48,7 +48,7 @@ from nlnet.engine.optim import (
 )
 from nlnet.engine.precise_bn import bn_modules, update_bn_stats
 from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
-from nlnet.engine.sampling import ShardSampler, TrainBatchSampler, derive_seed
+from nlnet.engine.samplers import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.engine.task import Task, build_task
 from nlnet.io import atomic_save, atomic_write_text
 

@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 DEPTHS: dict[int, tuple[int, ...]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 WIDTHS: tuple[int, ...] = (64, 128, 256, 512)
 
-# Temporal layouts (reference §2.1, §2.3; the peers' for their converted weights):
+# Temporal variants (reference §2.1, §2.3; the peers' for their converted weights):
 # conv1 temporal stride, pool1 and pool2 as ((kT,kH,kW), stride, padding).
-LAYOUTS: dict[str, dict[str, Any]] = {
+TEMPORAL_VARIANTS: dict[str, dict[str, Any]] = {
     # The original code's resnet_video_org.py (32×2 and 128×1 clips): 2×3×3 / 2×1×1 pools, no pad.
     "original": {
         "stem_t_stride": 2,
@@ -43,7 +43,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "pool1": ((1, 3, 3), (1, 2, 2), (0, 0, 0)),
         "pool2": ((2, 1, 1), (2, 1, 1), (0, 0, 0)),
     },
-    # PySlowFast's C2D/I3D 8×8: the speed layout with a spatially padded pool1.
+    # PySlowFast's C2D/I3D 8×8: the speed variant with a spatially padded pool1.
     "slowfast": {
         "stem_t_stride": 1,
         "pool1": ((1, 3, 3), (1, 2, 2), (0, 1, 1)),
@@ -62,7 +62,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "pool2": ((2, 1, 1), (2, 1, 1), (0, 0, 0)),
     },
 }
-VARIANTS: tuple[str, ...] = tuple(LAYOUTS)
+VARIANTS: tuple[str, ...] = tuple(TEMPORAL_VARIANTS)
 
 
 def i3d_temporal_kernels(stage_blocks: Sequence[int], kernel: int = 3) -> list[list[int]]:
@@ -149,7 +149,7 @@ def build_video_resnet(
         temporal: ``"c2d"`` (all kernels 1×k×k, conv1 1×7×7) or ``"i3d"`` (conv1 5×7×7, one
             kernel inflated in every other block; §2.2 of the reference).
         nonlocal_blocks: 0, 1, 5, 10 (see :func:`nonlocal_placement`) or ``{stage: [indices]}``.
-        variant: temporal layout, one of :data:`VARIANTS` (``original``: the code's 2×3×3 /
+        variant: temporal variant, one of :data:`VARIANTS` (``original``: the code's 2×3×3 /
             2×1×1 pools; ``paper``: Table 1's 3×3×3 / 3×1×1; ``speed``: the 8×8 models;
             ``slowfast`` / ``slowfast_nopool``: PySlowFast's c2d, i3d / c2d_nopool, i3d_nopool
             archs; ``mmaction2``). Recorded with the other non-shape settings in
@@ -172,7 +172,7 @@ def build_video_resnet(
     """
     if depth not in DEPTHS:
         raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth!r}")
-    if variant not in LAYOUTS:
+    if variant not in TEMPORAL_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     blocks = DEPTHS[depth]
     if temporal == "c2d":
@@ -214,9 +214,9 @@ def build_video_resnet(
     elif temporal_groups is not None:
         nl_kwargs["temporal_groups"] = temporal_groups
 
-    layout = LAYOUTS[variant]
-    pool1: PoolSpec = layout["pool1"]
-    pool2: PoolSpec | None = layout["pool2"]
+    pools = TEMPORAL_VARIANTS[variant]
+    pool1: PoolSpec = pools["pool1"]
+    pool2: PoolSpec | None = pools["pool2"]
     model = VideoResNet(
         stage_blocks=blocks,
         stage_widths=WIDTHS,
@@ -224,7 +224,7 @@ def build_video_resnet(
         inflate=inflate,
         stem_channels=64,
         stem_kernel=(stem_t, 7, 7),
-        stem_stride=(layout["stem_t_stride"], 2, 2),
+        stem_stride=(pools["stem_t_stride"], 2, 2),
         pool1=pool1,
         pool2=pool2,
         nonlocal_blocks=placement,
