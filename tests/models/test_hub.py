@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch import nn
 
+from foreign import to_caffe2, to_mmaction2
 from nlnet.classes import charades157, kinetics400
 from nlnet.models import create_model, hub, list_models, register_model
 from nlnet.models.convert import CONVERTERS, FORMATS
@@ -67,34 +68,6 @@ if TINY not in list_models():
 
 
 # -- test checkpoints -------------------------------------------------------------------------
-_BN = {"weight": "s", "bias": "b", "running_mean": "rm", "running_var": "riv"}
-
-
-def _caffe2_name(key: str) -> str | None:
-    """nlnet name → the original release's blob name (reference §5.5); None: not stored."""
-    if key.endswith("num_batches_tracked"):
-        return None
-    if key == "stem.conv.weight":
-        return "conv1_w"
-    if m := re.fullmatch(r"stem\.bn\.(\w+)", key):
-        return f"res_conv1_bn_{_BN[m[1]]}"
-    if m := re.fullmatch(r"res(\d)\.(\d+)\.conv_([abc])\.weight", key):
-        return f"res{m[1]}_{m[2]}_branch2{m[3]}_w"
-    if m := re.fullmatch(r"res(\d)\.(\d+)\.bn_([abc])\.(\w+)", key):
-        return f"res{m[1]}_{m[2]}_branch2{m[3]}_bn_{_BN[m[4]]}"
-    if m := re.fullmatch(r"res(\d)\.(\d+)\.shortcut_conv\.weight", key):
-        return f"res{m[1]}_{m[2]}_branch1_w"
-    if m := re.fullmatch(r"res(\d)\.(\d+)\.shortcut_bn\.(\w+)", key):
-        return f"res{m[1]}_{m[2]}_branch1_bn_{_BN[m[3]]}"
-    if m := re.fullmatch(r"res(\d)\.nonlocal(\d+)\.(theta|phi|g|out)\.(weight|bias)", key):
-        return f"nonlocal_conv{m[1]}_{m[2]}_{m[3]}_{'w' if m[4] == 'weight' else 'b'}"
-    if m := re.fullmatch(r"res(\d)\.nonlocal(\d+)\.bn\.(\w+)", key):
-        return f"nonlocal_conv{m[1]}_{m[2]}_bn_{_BN[m[3]]}"
-    if m := re.fullmatch(r"head\.fc\.(weight|bias)", key):
-        return f"pred_{'w' if m[1] == 'weight' else 'b'}"
-    raise AssertionError(f"no Caffe2 name for {key}")
-
-
 def _source_model(seed: int = 0) -> nn.Module:
     """The tiny model (speed layout, 3 classes) with random weights and BN statistics."""
     g = torch.Generator().manual_seed(seed)
@@ -113,13 +86,8 @@ def _source_model(seed: int = 0) -> nn.Module:
 
 
 def _caffe2_pickle(model: nn.Module) -> bytes:
-    blobs: dict[str, Any] = {}
-    for key, t in model.state_dict().items():
-        name = _caffe2_name(key)
-        if name is not None:
-            blobs[name] = t.numpy().copy()
-    blobs["conv1_w_momentum"] = blobs["conv1_w"] * 0  # ignored by the converter
-    return pickle.dumps({"blobs": blobs, "model_iter": 400000, "lr": 0.0001}, protocol=2)
+    """The model as the original release's pickle (with its iteration, LR and momentum blobs)."""
+    return pickle.dumps({"blobs": to_caffe2(model)}, protocol=2)
 
 
 @pytest.fixture(scope="module")
@@ -644,33 +612,6 @@ def test_registry_entry_converts_a_file_of_its_layout(
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-def _mmaction2_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """nlnet names → mmaction2 ResNet3d / mmcv NonLocal3d names (sub-sampled g/phi: ``.0``)."""
-    out: dict[str, torch.Tensor] = {}
-    abc = {"a": "1", "b": "2", "c": "3"}
-    for key, t in model.state_dict().items():
-        if m := re.fullmatch(r"stem\.(conv|bn)\.(\w+)", key):
-            name = f"backbone.conv1.{m[1]}.{m[2]}"
-        elif m := re.fullmatch(r"res(\d)\.(\d+)\.(conv|bn)_([abc])\.(\w+)", key):
-            name = f"backbone.layer{int(m[1]) - 1}.{m[2]}.conv{abc[m[4]]}.{m[3]}.{m[5]}"
-        elif m := re.fullmatch(r"res(\d)\.(\d+)\.shortcut_(conv|bn)\.(\w+)", key):
-            name = f"backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.{m[3]}.{m[4]}"
-        elif m := re.fullmatch(r"res(\d)\.nonlocal(\d+)\.(theta|phi|g|out|bn)\.(\w+)", key):
-            if m[3] == "out" and m[4] == "bias":
-                assert not t.any()  # mmcv's conv_out has no bias before its BN
-                continue
-            part = {"theta": "theta.conv", "phi": "phi.0.conv", "g": "g.0.conv"}.get(
-                m[3], "conv_out.conv" if m[3] == "out" else "conv_out.bn"
-            )
-            name = f"backbone.layer{int(m[1]) - 1}.{m[2]}.non_local_block.{part}.{m[4]}"
-        elif m := re.fullmatch(r"head\.fc\.(\w+)", key):
-            name = f"cls_head.fc_cls.{m[1]}"
-        else:
-            raise AssertionError(f"no mmaction2 name for {key}")
-        out[name] = t.clone()
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
@@ -693,7 +634,7 @@ def test_mmaction2_entries_convert_a_file_of_their_layout(
             if re.fullmatch(r"res\d\.nonlocal\d+\.out\.bias", key):
                 t.zero_()
     buf = io.BytesIO()
-    torch.save({"meta": {"epoch": 100}, "state_dict": _mmaction2_state(source)}, buf)
+    torch.save({"meta": {"epoch": 100}, "state_dict": to_mmaction2(source)}, buf)
     data = buf.getvalue()
     (tmp_path / entry.filename).write_bytes(data)
     # The test file is not the publisher's: give the copy of the entry the file's own prefix.

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_convert import randomize, to_caffe2, to_mmaction2, to_slowfast
 from torch import nn
 
 import nlnet
+from foreign import randomize, to_caffe2, to_mmaction2, to_slowfast
 from nlnet.cli import main as cli_main
 from nlnet.models import (
     CheckpointFormatError,
