@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -152,32 +153,39 @@ def measure(
     return {"ms": 1e3 * statistics.median(times), "mib": peak / 2**20, "n": n}
 
 
-def _child(queue: Any, args: tuple[Any, ...]) -> None:
+def _child(queue: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
     try:
-        queue.put(measure(*args))
+        queue.put(fn(*args))
     except Exception as e:  # reported in the table, e.g. out of memory
         queue.put({"error": f"{type(e).__name__}: {e}"[:200]})
+
+
+def in_fresh_process(
+    fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], preload: list[str], timeout: float
+) -> dict[str, Any]:
+    """``fn(*args)`` in a fresh child process, forked from a server that has imported
+    ``preload`` and done nothing else (fast start, no OpenMP state, no allocations inherited
+    from earlier cases).  A child that dies gives an ``error`` entry instead of a result."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, fn, args))
+    proc.start()
+    try:
+        result = queue.get(timeout=timeout)
+    except Exception:
+        result = {"error": "no result (killed, probably out of memory)"}
+    proc.join()
+    return result
 
 
 def run_case(
     size: Size, form: str, backend: str, mode: str, repeats: int, device: str
 ) -> dict[str, Any]:
-    """Measure one case in a fresh child process.
-
-    Children fork from a server that has imported torch and done nothing else (fast start, no
-    OpenMP state, no allocations inherited from earlier cases).
-    """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "nlnet.ops"])
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, (size, form, backend, mode, repeats, device)))
-    proc.start()
-    try:
-        result = queue.get(timeout=1800)
-    except Exception:
-        result = {"error": "no result (killed, probably out of memory)"}
-    proc.join()
-    return result
+    """Measure one case in a fresh child process (:func:`in_fresh_process`)."""
+    return in_fresh_process(
+        measure, (size, form, backend, mode, repeats, device), ["torch", "nlnet.ops"], 1800
+    )
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -456,26 +464,11 @@ def _model_peak(name: str, frames: int, size: int, mode: str, which: str) -> dic
     return {"mib": (_rss_kib("VmHWM") * 1024 - base) / 2**20}
 
 
-def _model_child(queue: Any, args: tuple[Any, ...]) -> None:
-    try:
-        queue.put(_model_peak(*args))
-    except Exception as e:
-        queue.put({"error": f"{type(e).__name__}: {e}"[:200]})
-
-
 def model_peak(name: str, frames: int, size: int, mode: str, which: str) -> dict[str, Any]:
-    """:func:`_model_peak` in a fresh child process (forked from a torch-only server)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "nlnet.models"])
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_model_child, args=(queue, (name, frames, size, mode, which)))
-    proc.start()
-    try:
-        result = queue.get(timeout=3600)
-    except Exception:
-        result = {"error": "no result (killed, probably out of memory)"}
-    proc.join()
-    return result
+    """:func:`_model_peak` in a fresh child process (:func:`in_fresh_process`)."""
+    return in_fresh_process(
+        _model_peak, (name, frames, size, mode, which), ["torch", "nlnet.models"], 3600
+    )
 
 
 def model_benchmark(
