@@ -146,7 +146,9 @@ def run_case(
     methods: tuple[str, ...],
     rounds: int,
     competitor: Competitor | None,
+    ratios: list[tuple[str, float]],
 ) -> list[str]:
+    """The table rows of one case; appends (case, auto/explicit) per load condition to ``ratios``."""
     b, nq, nk, d = shape
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(b, nq, d, generator=gen).requires_grad_()
@@ -185,10 +187,14 @@ def run_case(
             cells.append(f"{med[m]:.3f}")
         for m in methods[1:]:
             cells.append(f"{med[m] / med['explicit']:.3f}")
+        ratios.append((f"{name}, {cond}", med["auto"] / med["explicit"]))
         cells.append(" / ".join(f"{gflop / med[m]:.0f}" for m in methods))
         cells.append(" / ".join(f"{gflop / statistics.median(cpu[cond, m]):.0f}" for m in methods))
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+TARGET = 0.8  # issue 11: auto fwd+bwd time ≤ 0.8× explicit, idle and loaded
 
 
 def memory_row(name: str, shape: tuple[int, int, int, int], form: str) -> str:
@@ -243,6 +249,7 @@ def main() -> int:
     # SIGTERM (e.g. `timeout`) unwinds through `finally`, which stops the competitor.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     competitor = Competitor() if args.load else None
+    ratios: list[tuple[str, float]] = []
     try:
         for name, shape in cases.items():
             for row in run_case(
@@ -252,6 +259,7 @@ def main() -> int:
                 methods=methods,
                 rounds=args.rounds,
                 competitor=competitor,
+                ratios=ratios,
             ):
                 print(row, flush=True)
     finally:
@@ -262,7 +270,11 @@ def main() -> int:
         for name, shape in cases.items():
             print(memory_row(name, shape, args.form), flush=True)
     print(f"\n# load average at end: {os.getloadavg()[0]:.2f}")
-    return 0
+    missed = [(case, r) for case, r in ratios if r > TARGET]
+    print(f"\nTarget (issue 11): auto fwd+bwd <= {TARGET}x explicit")
+    for case, r in ratios:
+        print(f"- {case}: {r:.3f} -- {'MISSED' if r > TARGET else 'met'}")
+    return 1 if missed and not args.quick else 0
 
 
 if __name__ == "__main__":
