@@ -15,15 +15,9 @@ R50 baseline for the non-local overhead.
     PYTHONPATH=src python benchmarks/models.py --frames 32 --backward-frames 32 --repeats 5
     PYTHONPATH=src python benchmarks/models.py --device cuda --bf16 --channels-last
 
-``--default-vs-plain`` (issue 11) compares instead nlnet's DEFAULT network (``create_model``: the
-``auto`` NL backend, and in eval the fast path of ``nlnet.fuse``: BN folded, channels_last_3d,
-oneDNN fused conv+bias+add+ReLU) with the PLAIN one (``backend="explicit"``,
-``fast_inference=False``: the peers' way), same weights with randomised BN statistics,
-interleaved in one process: eval forward and training step, ratios, the eval output's relative
-error, and each one's peak memory in a fresh process (same as ``nlnet bench --model``):
-
-    PYTHONPATH=src python benchmarks/models.py --default-vs-plain --frames 8 32 --repeats 3
-    PYTHONPATH=src python benchmarks/models.py --default-vs-plain --threads 1 --clock cpu --bf16
+nlnet's default network against the plain one (issue 11: the ``auto`` backend and the fused eval
+path of ``nlnet.fuse`` vs ``backend="explicit"``, ``fast_inference=False``) is
+``nlnet bench --model i3d_r50_nl5`` (:func:`nlnet.benchmark.run_model`).
 """
 
 from __future__ import annotations
@@ -140,21 +134,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--channels-last", action="store_true", help="channels_last_3d (GPU)")
-    p.add_argument(
-        "--default-vs-plain",
-        action="store_true",
-        help="issue 11: nlnet's default network vs the plain one (CPU, float32)",
-    )
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="--default-vs-plain")
-    p.add_argument("--threads", type=int, help="torch threads (--default-vs-plain)")
-    p.add_argument("--eval-only", action="store_true", help="--default-vs-plain: no training")
-    p.add_argument("--no-memory", action="store_true", help="--default-vs-plain: no memory runs")
     args = p.parse_args()
-    if args.default_vs_plain:
-        from nlnet.benchmark import run_model
-
-        args.json = None
-        sys.exit(run_model(args))
     if args.time_worker or args.memory_worker:
         args.frames = args.frames[0]
         (time_worker if args.time_worker else memory_worker)(args)
