@@ -134,7 +134,8 @@ def to_mmaction2(model: VideoResNet) -> dict[str, Tensor]:
             ours, mm = f"res{s}.{name}", f"{layer}.{name[len('nonlocal') :]}.non_local_block"
             for x, key in (("theta", "theta"), ("phi", "phi.0"), ("g", "g.0")):
                 for p in ("weight", "bias"):
-                    out[f"backbone.{mm}.{key}.conv.{p}"] = sd[f"{ours}.{x}.{p}"]
+                    if f"{ours}.{x}.{p}" in sd:  # the Gaussian form has no θ / φ convs
+                        out[f"backbone.{mm}.{key}.conv.{p}"] = sd[f"{ours}.{x}.{p}"]
             out[f"backbone.{mm}.conv_out.conv.weight"] = sd[f"{ours}.out.weight"]  # no bias
             bn(f"{ours}.bn", f"{mm}.conv_out.bn")
     out["cls_head.fc_cls.weight"], out["cls_head.fc_cls.bias"] = (
