@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from nlnet import fuse
 from nlnet.geometry import EXTENTS, attention_problems
 from nlnet.ops import PAIRWISE_FUNCTIONS, check_choice, nonlocal_attention
+from nlnet.ops.pooling import max_pool
 
 NORMS: tuple[str | None, ...] = ("batch", None)
 
@@ -250,7 +251,7 @@ class NonLocalBlock(nn.Module):
         if self.subsample is None:
             return t
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dim - 1]
-        return pool(t, kernel_size=self.subsample, stride=self.subsample)
+        return max_pool(pool, t, kernel_size=self.subsample, stride=self.subsample)
 
     def _pool_keys(self, t: Tensor, mask: Tensor | None) -> Tensor:
         """Sub-sample the key/value side (x̂ of §3.3) so that padding never wins a max.

@@ -227,11 +227,19 @@ def test_blocked_softmax_very_negative_logits_after_padding(monkeypatch):
     mask = torch.zeros(2, 12, dtype=torch.bool)
     mask[0, :8] = True  # the first two key blocks of batch 0 are padding
     t = [x.requires_grad_() for x in (theta, phi, g)]
-    res = _explicit_and_auto_grads("gaussian", t, mask, torch.randn(2, 6, 3, generator=gen))
+    dy = torch.randn(2, 6, 3, generator=gen)
+    res = _explicit_and_auto_grads("gaussian", t, mask, dy)
     assert (theta @ phi.transpose(1, 2)).max() < -150
-    for a, e in zip(res["auto"], res["explicit"]):
+    # The reference: the explicit matrix in float64 on the same inputs.  Logits of ~200 put an
+    # absolute float32 rounding of ~1e-5 into the blocked kernels' log-sum-exp, so their rows of
+    # P sum to 1 ± 1e-5, and dθ = dS·φ (φ ≈ 5 everywhere: Σ_j dS_ij cancels) carries that error
+    # times |φ|: a few 1e-4 relative, as in any flash-style kernel.  A running maximum reset to
+    # 0 by the padded blocks would give inf/NaN or values off by orders of magnitude.
+    t64 = [x.detach().double().requires_grad_() for x in t]
+    ref = _explicit_and_auto_grads("gaussian", t64, mask, dy.double())["explicit"]
+    for a, r in zip(res["auto"], ref):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+        assert (a.double() - r).abs().max().item() <= 2e-3 * r.abs().max().item()
 
 
 def test_blocked_softmax_gradcheck_on_workers(monkeypatch):

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from nlnet import fuse
 from nlnet.block import NonLocalBlock, find_nonlocal_blocks
+from nlnet.ops.pooling import max_pool
 
 Triple = tuple[int, int, int]
 PoolSpec = tuple[Triple, Triple, Triple]  # (kernel, stride, padding)
@@ -670,7 +671,7 @@ def _checked_pool(pool: nn.MaxPool3d, x: Tensor, name: str) -> Tensor:
             f"is T×H×W = {tuple(x.shape[2:])}; use more frames / a larger crop, or another "
             f"variant (e.g. 'speed' has no temporal stride in the stem)"
         )
-    return pool(x)
+    return max_pool(pool, x)
 
 
 def _pool_spec(spec: PoolSpec | None, name: str) -> PoolSpec | None:
