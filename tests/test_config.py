@@ -59,7 +59,7 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         ("sover.base_lr=0.1", r"unknown config key 'sover'"),
         ("solver.base_lr=fast", r"solver.base_lr: expected a number, got 'fast'"),
         ("solver.max_iter=1.5", r"solver.max_iter: expected an integer"),
-        ("train.amp=fp32", r"train.amp: expected one of 'none' \| 'bf16' \| 'fp16'"),
+        ("train.amp=fp32", r"train.amp: expected one of 'auto' \| 'none' \| 'bf16' \| 'fp16'"),
         ("solver.nesterov=yes please", r"solver.nesterov: expected true/false"),
         ("solver.steps=[3, 1]", r"solver.steps: expected increasing"),
         ("data.jitter=[320]", r"data.jitter"),

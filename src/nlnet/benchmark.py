@@ -367,7 +367,7 @@ MODEL_TARGETS = (  # issue 11, item 1: default / plain, batch 1, 224², float32
 )
 
 
-def _model_pair(name: str, frames: int, size: int, train: bool) -> tuple[Any, Any, Any]:
+def _model_pair(name: str, frames: int, size: int, mode: str) -> tuple[Any, Any, Any]:
     """nlnet's default network and the plain one (explicit NL backend, no fast path), same weights.
 
     BN statistics and affine parameters are randomised (the freshly initialised ones are the
@@ -390,15 +390,40 @@ def _model_pair(name: str, frames: int, size: int, train: bool) -> tuple[Any, An
     plain = create_model(name, backend="explicit")
     plain.load_state_dict(default.state_dict())
     plain.fast_inference = False
+    train = mode.startswith("train")
     default.train(train)
     plain.train(train)
+    if mode == "train" and _training_defaults()[1]:
+        from nlnet.engine.runtime import to_channels_last
+
+        to_channels_last(default)  # as nlnet train lays it out (train.memory_format=auto)
     x = torch.randn(1, 3, frames, size, size, generator=gen)
     return default, plain, x
 
 
-def _train_step(model: Any, x: Any) -> None:
+def _training_defaults() -> tuple[str, bool]:
+    """``nlnet train``'s precision and channels-last choice on this CPU (``train.amp=auto``)."""
+    import torch
+
+    from nlnet.config import Config
+    from nlnet.engine.runtime import channels_last, precision
+
+    cfg, cpu = Config(), torch.device("cpu")
+    return precision(cfg.train.amp, cpu, training=True), channels_last(cfg, cpu)
+
+
+def _train_step(model: Any, x: Any, amp: str = "none") -> None:
+    import torch
+
     model.zero_grad(set_to_none=True)
-    model(x).logsumexp(1).sum().backward()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        y = model(x)
+    y.float().logsumexp(1).sum().backward()
+
+
+def _default_train_step(model: Any, x: Any) -> None:
+    """A training step with ``nlnet train``'s defaults (bf16 autocast where the CPU has it)."""
+    _train_step(model, x, _training_defaults()[0])
 
 
 def _eval_step(model: Any, x: Any) -> Any:
@@ -425,9 +450,11 @@ def compare_model_times(
     """
     import torch
 
-    default, plain, x = _model_pair(name, frames, size, mode == "train")
+    default, plain, x = _model_pair(name, frames, size, mode)
     now = time.process_time if clock == "cpu" else time.perf_counter
-    if mode == "train":
+    if mode == "train":  # nlnet train's defaults against the plain float32 network
+        steps = (_default_train_step, _train_step)
+    elif mode == "train-fp32":  # both in float32: only the NL backend differs
         steps = (_train_step, _train_step)
     elif mode == "eval-bf16":  # the default under bf16 autocast against the plain float32 one
         steps = (_eval_step_bf16, _eval_step)
@@ -435,7 +462,7 @@ def compare_model_times(
         steps = (_eval_step, _eval_step)
     out: dict[str, Any] = {}
     a, b = steps[0](default, x), steps[1](plain, x)
-    if mode != "train":
+    if not mode.startswith("train"):
         out["rel_err"] = float((a.float() - b).norm() / b.norm())
     best = [float("inf"), float("inf")]
     for _ in range(repeats):
@@ -454,10 +481,14 @@ def _model_peak(name: str, frames: int, size: int, mode: str, which: str) -> dic
     allocator kept (their RSS increase is about 0).  It includes the gradients' allocation
     (training) and the folded/packed weights (the default's eval), as a user's first step does.
     """
-    pair = _model_pair(name, frames, size, mode == "train")
+    pair = _model_pair(name, frames, size, mode)
     model, x = pair[0 if which == "default" else 1], pair[2]
     del pair  # keep only the measured network
-    step = {"train": _train_step, "eval": _eval_step, "eval-bf16": _eval_step_bf16}[mode]
+    steps = {"train": _train_step, "train-fp32": _train_step, "eval": _eval_step}
+    steps.update({"eval-bf16": _eval_step_bf16})
+    if which == "default":
+        steps["train"] = _default_train_step
+    step = steps[mode]
     _reset_peak_rss()
     base = _rss_kib("VmRSS") * 1024
     step(model, x)
@@ -557,15 +588,20 @@ def run_model(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     frames = tuple(args.frames or (8, 32))
     repeats = args.repeats or 3
-    modes = ("eval",) if args.eval_only else ("eval", "train")
+    modes = ("eval",) if args.eval_only else ("eval", "train", "train-fp32")
     if args.bf16:
         modes += ("eval-bf16",)
+    amp, cl = _training_defaults()
+    amp_note = ("float32" if amp == "none" else f"{amp} autocast") + (
+        ", channels-last" if cl else ""
+    )
     print(
         f"# nlnet bench --model {args.model}: torch {torch.__version__}, cpu, "
         f"{torch.get_num_threads()} threads, float32, batch 1, {args.size}²; time = fastest of "
         f"{repeats} interleaved rounds ({args.clock} clock); memory = peak RSS increase of one "
         "step, each network in a fresh process. default = create_model(name); plain = "
-        "backend='explicit', fast_inference=False (the peers' way)\n"
+        "backend='explicit', fast_inference=False (the peers' way). train: the default with "
+        f"nlnet train's defaults here ({amp_note}); train-fp32: both in float32\n"
     )
     rows = model_benchmark(
         args.model,

@@ -47,7 +47,15 @@ from nlnet.engine.optim import (
     set_lr,
 )
 from nlnet.engine.precise_bn import bn_modules, update_bn_stats
-from nlnet.engine.runtime import autocast_factory, global_flags, restore_global_flags, setup
+from nlnet.engine.runtime import (
+    autocast_factory,
+    channels_last,
+    global_flags,
+    precision,
+    restore_global_flags,
+    setup,
+    to_channels_last,
+)
 from nlnet.engine.samplers import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.engine.task import Task, build_task
 from nlnet.io import atomic_save, atomic_write_text
@@ -97,7 +105,8 @@ class Trainer:
             restore_global_flags(self._flags)
             raise
         self.out = Path(cfg.train.output_dir)
-        self.autocast = autocast_factory(cfg, self.device)
+        self.autocast = autocast_factory(cfg, self.device, training=True)  # forward + backward
+        self.eval_autocast = autocast_factory(cfg, self.device)  # validation
         self._stop_signal = 0
         self._last_good: Path | None = None  # the latest checkpoint written (or found)
         #: The ``early_stop`` record when ``train.stop_at_val_top1`` ended the run, else None.
@@ -113,12 +122,16 @@ class Trainer:
         self.train_set = self.task.build_dataset("train")
         self.val_set = self.task.build_dataset("val") if cfg.train.eval_period > 0 else None
         model = self.model.to(self.device)
+        if channels_last(cfg, self.device):
+            to_channels_last(model)
         if cfg.train.sync_bn and self.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             self.model = model
         self.schedule = build_schedule(cfg.solver, self.plan)
         self.optimizer = build_optimizer(model, cfg.solver, self.schedule.lr_at(0))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=precision(cfg.train.amp, self.device, training=True) == "fp16"
+        )
         self.iteration = 0
         self._resume()
         train_model: nn.Module = model
@@ -248,7 +261,8 @@ class Trainer:
         loader = self._loader(sampler, self.cfg.data.num_workers, batch=True)
 
         def fwd(model: nn.Module, batch: Any) -> None:
-            with self.autocast():
+            # The statistics serve evaluation, so they are measured in its precision.
+            with self.eval_autocast():
                 self.task.training_step(model, batch, self.device)
 
         used = update_bn_stats(self.model, loader, fwd, n)
@@ -258,7 +272,7 @@ class Trainer:
         self.model.eval()
         sampler = ShardSampler(len(self.val_set), self.rank, self.world)
         loader = self._loader(sampler, self.cfg.eval.num_workers, batch=False)
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.eval_autocast():
             result = self.task.evaluate(self.model, loader, self.device, None)
         self._train_mode()
         return result
@@ -376,8 +390,15 @@ class Trainer:
             f"training {cfg.model.name} on {len(self.train_set)} samples: {self.world} process(es) × "
             f"{plan.batch_size} clips × {plan.accumulation} accumulation = {plan.global_batch} per "
             f"iteration, base LR {self.schedule.base_lr:g}, {self.schedule.max_iter} iterations, "
-            f"device {self.device}"
+            f"device {self.device}, {self._precision_note()}"
         )
+
+    def _precision_note(self) -> str:
+        amp = precision(self.cfg.train.amp, self.device, training=True)
+        note = "float32" if amp == "none" else f"{amp} autocast"
+        if channels_last(self.cfg, self.device):
+            note += ", channels-last"
+        return note + (" (train.amp=auto)" if self.cfg.train.amp == "auto" else "")
 
     def _already_finished(self) -> bool:
         """A resumed run that already stopped early under this target, or ran all iterations."""

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from nlnet import fuse
 from nlnet.block import NonLocalBlock, find_nonlocal_blocks
+from nlnet.models.conv import Conv3d
 from nlnet.ops.pooling import max_pool
 
 Triple = tuple[int, int, int]
@@ -128,7 +129,7 @@ class Stem(nn.Module):
         factory: dict[str, Any],
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(
+        self.conv = Conv3d(
             in_channels, out_channels, kernel, stride, padding, bias=False, **factory
         )
         self.bn = norm(out_channels)
@@ -159,7 +160,7 @@ class _Residual(nn.Module):
         factory: dict[str, Any],
     ) -> None:
         if in_channels != out_channels or stride != 1:
-            self.shortcut_conv = nn.Conv3d(
+            self.shortcut_conv = Conv3d(
                 in_channels, out_channels, 1, (1, stride, stride), bias=False, **factory
             )
             self.shortcut_bn = norm(out_channels)
@@ -203,11 +204,11 @@ class Bottleneck(_Residual):
         out_channels = width * self.expansion
         kt = temporal_kernel
         a_t, b_t = (kt, 1) if inflate == "3x1x1" else (1, kt)
-        self.conv_a = nn.Conv3d(
+        self.conv_a = Conv3d(
             in_channels, width, (a_t, 1, 1), padding=(a_t // 2, 0, 0), bias=False, **factory
         )
         self.bn_a = norm(width)
-        self.conv_b = nn.Conv3d(
+        self.conv_b = Conv3d(
             width,
             width,
             (b_t, 3, 3),
@@ -217,7 +218,7 @@ class Bottleneck(_Residual):
             **factory,
         )
         self.bn_b = norm(width)
-        self.conv_c = nn.Conv3d(width, out_channels, 1, bias=False, **factory)
+        self.conv_c = Conv3d(width, out_channels, 1, bias=False, **factory)
         self.bn_c = norm(out_channels)
         self._make_shortcut(in_channels, out_channels, stride, norm, factory)
         self.out_channels = out_channels
@@ -255,7 +256,7 @@ class BasicBlock(_Residual):
         super().__init__()
         del inflate  # a basic block has one place for the temporal kernel
         kt = temporal_kernel
-        self.conv_a = nn.Conv3d(
+        self.conv_a = Conv3d(
             in_channels,
             width,
             (kt, 3, 3),
@@ -265,7 +266,7 @@ class BasicBlock(_Residual):
             **factory,
         )
         self.bn_a = norm(width)
-        self.conv_b = nn.Conv3d(width, width, (1, 3, 3), padding=(0, 1, 1), bias=False, **factory)
+        self.conv_b = Conv3d(width, width, (1, 3, 3), padding=(0, 1, 1), bias=False, **factory)
         self.bn_b = norm(width)
         self._make_shortcut(in_channels, width, stride, norm, factory)
         self.out_channels = width

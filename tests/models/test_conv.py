@@ -1,0 +1,55 @@
+"""``nlnet.models.conv.Conv3d``: right weight gradients under CPU bf16 autocast for kernels longer
+than their input (where oneDNN's bf16 path returns garbage), bf16 everywhere else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nlnet.models.conv import Conv3d, kernel_exceeds_input
+
+
+def _grads(conv: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool):
+    conv.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = conv(x)
+    (y.float() * dy).sum().backward()
+    return y, conv.weight.grad.double(), x.grad.double()
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "padding"),
+    [
+        ((1, 64, 2, 7, 7), (3, 1, 1), (1, 0, 0)),  # I3D res3 at 8 frames: T = 2 < 3
+        ((1, 64, 3, 7, 7), (5, 1, 1), (2, 0, 0)),
+        ((1, 16, 4, 2, 2), (1, 7, 7), (0, 3, 3)),  # a 7×7 kernel on a 2×2 map
+    ],
+)
+def test_kernel_longer_than_input_gives_float64_gradients(shape, kernel, padding) -> None:
+    gen = torch.Generator().manual_seed(0)
+    conv = Conv3d(shape[1], 32, kernel, padding=padding, bias=False)
+    x = torch.randn(*shape, generator=gen)
+    assert kernel_exceeds_input(conv.kernel_size, x)
+    dy = torch.randn(1, 32, *shape[2:], generator=gen)
+    y, dw, dx = _grads(conv, x, dy, bf16=True)
+    ref = torch.nn.Conv3d(shape[1], 32, kernel, padding=padding, bias=False).double()
+    ref.load_state_dict(conv.state_dict())
+    _, rw, rx = _grads(ref, x.double(), dy.double(), bf16=False)
+    assert y.dtype == torch.float32  # computed in float32
+    torch.testing.assert_close(dw, rw, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx, rx, rtol=1e-4, atol=1e-5)
+
+
+def test_other_shapes_stay_in_bf16_and_match_nn_conv3d() -> None:
+    gen = torch.Generator().manual_seed(1)
+    conv = Conv3d(8, 16, (3, 3, 3), padding=1, bias=False)
+    plain = torch.nn.Conv3d(8, 16, (3, 3, 3), padding=1, bias=False)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 8, 4, 6, 6, generator=gen)
+    dy = torch.randn(2, 16, 4, 6, 6, generator=gen)
+    ours, theirs = _grads(conv, x, dy, bf16=True), _grads(plain, x, dy, bf16=True)
+    assert ours[0].dtype == torch.bfloat16
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+    assert list(conv.state_dict()) == ["weight"] and isinstance(conv, torch.nn.Conv3d)
