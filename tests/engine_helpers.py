@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from nlnet.data.registry import DATASETS, register_dataset
-from nlnet.models.registry import _MODELS, register_model
+from nlnet.models.registry import MODELS, register_model
 
 
 class TinyVideoNet(nn.Module):
@@ -103,7 +103,7 @@ class TinyVideos(Dataset):
 
 
 def register() -> None:
-    if "engine_test_net" not in _MODELS:
+    if "engine_test_net" not in MODELS:
         register_model("engine_test_net")(TinyVideoNet)
     if "engine_test_videos" not in DATASETS:
         register_dataset("engine_test_videos")(TinyVideos)

@@ -26,7 +26,7 @@ from nlnet.cli import main
 from nlnet.data.transforms import eval_transform
 from nlnet.data.video import VideoDecodeError, decode_frames, probe_video
 from nlnet.models import VideoResNet
-from nlnet.models.registry import _MODELS, register_model
+from nlnet.models.registry import MODELS, register_model
 from nlnet.predict import (
     TestProtocol,
     _load,
@@ -78,9 +78,9 @@ def plain_net(num_classes: int = 400, **kwargs: Any) -> PlainNet:
     return PlainNet(num_classes)
 
 
-if "predict_test_resnet" not in _MODELS:
+if "predict_test_resnet" not in MODELS:
     register_model("predict_test_resnet")(tiny_resnet)
-if "predict_test_plain" not in _MODELS:
+if "predict_test_plain" not in MODELS:
     register_model("predict_test_plain")(plain_net)
 
 

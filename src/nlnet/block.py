@@ -154,28 +154,7 @@ class NonLocalBlock(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if dim not in (1, 2, 3):
-            raise ValueError(f"dim must be 1, 2 or 3, got {dim!r}")
-        if not isinstance(in_channels, int) or in_channels <= 0:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        check_choice("pairwise", pairwise, PAIRWISE_FUNCTIONS)
-        check_choice("extent", extent, EXTENTS)
-        check_choice("backend", backend, ("auto", "explicit"))
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; expected 'batch' or None")
-        if extent != "spacetime" and dim != 3:
-            raise ValueError(f"extent={extent!r} needs a video block (dim=3), got dim={dim}")
-        if temporal_groups is not None:
-            if dim != 3 or extent != "spacetime":
-                raise ValueError("temporal_groups needs dim=3 and extent='spacetime'")
-            if not isinstance(temporal_groups, int) or temporal_groups <= 0:
-                raise ValueError(f"temporal_groups must be a positive int, got {temporal_groups!r}")
-        inner = in_channels // 2 if inner_channels is None else inner_channels
-        if not isinstance(inner, int) or inner <= 0:
-            raise ValueError(f"inner_channels must be a positive int, got {inner_channels!r}")
-
         self.in_channels = in_channels
-        self.inner_channels = inner
         self.dim = dim
         self.pairwise = pairwise
         self.extent = extent
@@ -187,16 +166,8 @@ class NonLocalBlock(nn.Module):
         self.init_std = init_std
         self.backend = backend
         self.fast_inference = True  # eval + no autograd: 1×1 convs through nlnet.fuse
-        self.subsample = self._pool_kernel(subsample, dim)
-        if temporal_groups is not None and self.subsample is not None:
-            if temporal_groups % self.subsample[0]:
-                raise ValueError(
-                    f"temporal_groups={temporal_groups} must be a multiple of the temporal "
-                    f"sub-sampling {self.subsample[0]}"
-                )
-        if extent == "space" and self.subsample is not None and self.subsample[0] != 1:
-            raise ValueError("extent='space' cannot sub-sample time (subsample[0] must be 1)")
-
+        inner, self.subsample = self._check_arguments(inner_channels, subsample)
+        self.inner_channels = inner
         conv = _CONV[dim]
         if pairwise != "gaussian":
             self.theta = conv(in_channels, inner, 1, **factory)
@@ -208,6 +179,39 @@ class NonLocalBlock(nn.Module):
         if norm == "batch":
             self.bn = _BN[dim](in_channels, eps=bn_eps, momentum=bn_momentum, **factory)
         self.reset_parameters()
+
+    def _check_arguments(
+        self, inner_channels: int | None, subsample: bool | int | Sequence[int]
+    ) -> tuple[int, tuple[int, ...] | None]:
+        """Reject inconsistent settings, naming the value; return (inner width, pool kernel)."""
+        dim, extent, groups = self.dim, self.extent, self.temporal_groups
+        if dim not in (1, 2, 3):
+            raise ValueError(f"dim must be 1, 2 or 3, got {dim!r}")
+        if not isinstance(self.in_channels, int) or self.in_channels <= 0:
+            raise ValueError(f"in_channels must be a positive int, got {self.in_channels!r}")
+        check_choice("pairwise", self.pairwise, PAIRWISE_FUNCTIONS)
+        check_choice("extent", extent, EXTENTS)
+        check_choice("backend", self.backend, ("auto", "explicit"))
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; expected 'batch' or None")
+        if extent != "spacetime" and dim != 3:
+            raise ValueError(f"extent={extent!r} needs a video block (dim=3), got dim={dim}")
+        if groups is not None:
+            if dim != 3 or extent != "spacetime":
+                raise ValueError("temporal_groups needs dim=3 and extent='spacetime'")
+            if not isinstance(groups, int) or groups <= 0:
+                raise ValueError(f"temporal_groups must be a positive int, got {groups!r}")
+        inner = self.in_channels // 2 if inner_channels is None else inner_channels
+        if not isinstance(inner, int) or inner <= 0:
+            raise ValueError(f"inner_channels must be a positive int, got {inner_channels!r}")
+        kernel = self._pool_kernel(subsample, dim)
+        if groups is not None and kernel is not None and groups % kernel[0]:
+            raise ValueError(
+                f"temporal_groups={groups} must be a multiple of the temporal sub-sampling {kernel[0]}"
+            )
+        if extent == "space" and kernel is not None and kernel[0] != 1:
+            raise ValueError("extent='space' cannot sub-sample time (subsample[0] must be 1)")
+        return inner, kernel
 
     @staticmethod
     def _pool_kernel(subsample: bool | int | Sequence[int], dim: int) -> tuple[int, ...] | None:
@@ -326,39 +330,48 @@ class NonLocalBlock(nn.Module):
                 keys unmasked).
         """
         self._check_input(x, key_padding_mask)
-        m = key_padding_mask
         # Eval with autograd off: the 1×1 convs through nlnet.fuse (channels-last, and W_z with
         # its BN and the residual as one convolution); the same values up to float rounding.
         fast = fuse.enabled(self, x)
-        embed = (lambda layer, t: fuse.conv_bn(layer, None, t)) if fast else _apply
+        theta, phi, g = self._embed(x, key_padding_mask, fast)
+        y, weights = self._attend(theta, phi, g, key_padding_mask, return_attention)
+        z = self._project(y, x, fast)
+        return (z, weights) if return_attention else z
+
+    def _embed(self, x: Tensor, mask: Tensor | None, fast: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """θ(x), φ(x̂), g(x̂) of Eqs. 2–5 as 1×1 convs; x̂ = x max-pooled (sub-sampling, §3.3)."""
+
+        def embed(layer: nn.Module, t: Tensor) -> Tensor:
+            return fuse.conv_bn(layer, None, t) if fast else layer(t)
+
+        plain = self.pairwise == "gaussian"
         if self.pool_before_conv:  # the original code: x̂ = pool(x), then φ(x̂), g(x̂)
-            kv = self._pool_keys(x, m)
-            phi = kv if self.pairwise == "gaussian" else embed(self.phi, kv)
+            kv = self._pool_keys(x, mask)
+            phi = kv if plain else embed(self.phi, kv)
             g = embed(self.g, kv)
         else:  # the paper's text: pool(φ(x)), pool(g(x))
-            phi = self._pool_keys(x if self.pairwise == "gaussian" else embed(self.phi, x), m)
-            g = self._pool_keys(embed(self.g, x), m)
-        theta = x if self.pairwise == "gaussian" else embed(self.theta, x)
+            phi = self._pool_keys(x if plain else embed(self.phi, x), mask)
+            g = self._pool_keys(embed(self.g, x), mask)
+        return (x if plain else embed(self.theta, x)), phi, g
 
+    def _attend(
+        self, theta: Tensor, phi: Tensor, g: Tensor, mask: Tensor | None, return_attention: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """y_i = 1/C(x) Σ_j f(x_i, x_j) g(x_j) (Eq. 1) per ``extent`` problem; y like θ, and f/C."""
         layout = _Layout(self.extent, self.temporal_groups)
         pool3 = _to5d_kernel(self.subsample, self.dim)
         q5 = _to5d(theta, self.dim)
-        qshape = (q5.shape[0], g.shape[1], *q5.shape[2:])
         query_thw = tuple(q5.shape[2:])
-        q = layout.queries(q5)
         k = layout.keys(_to5d(phi, self.dim), query_thw, pool3)
         v = layout.keys(_to5d(g, self.dim), query_thw, pool3)
-        mask = None
-        if key_padding_mask is not None:
-            mask = layout.keys(
-                _mask5d(self._pool_mask(key_padding_mask), self.dim), query_thw, pool3
-            )
+        if mask is not None:
+            mask = layout.keys(_mask5d(self._pool_mask(mask), self.dim), query_thw, pool3)
             # With extent space/time/groups a row of keys can be all padding (e.g. a padded
             # location for 'time'); its queries are padding too, so let them see those keys
             # rather than divide by zero.  Tensor ops only: no host sync, traceable.
             mask = mask & ~mask.all(dim=1, keepdim=True)
         result = nonlocal_attention(
-            q,
+            layout.queries(q5),
             k,
             v,
             pairwise=self.pairwise,
@@ -369,49 +382,35 @@ class NonLocalBlock(nn.Module):
             return_attention=return_attention,
         )
         y, weights = result if return_attention else (result, None)
-        y5 = layout.restore(y, qshape)
-        y = y5.reshape(y5.shape[0], y5.shape[1], *x.shape[2:])
+        y5 = layout.restore(y, (q5.shape[0], g.shape[1], *query_thw))
+        return y5.reshape(y5.shape[0], y5.shape[1], *theta.shape[2:]), weights
+
+    def _project(self, y: Tensor, x: Tensor, fast: bool) -> Tensor:
+        """z = W_z·y + x (Eq. 6), with BN after W_z when ``norm="batch"``."""
         # The attention layout leaves y channels-last in memory; give z the input's layout, so the
         # layers after the block run the same kernels as without it (a block at identity then
         # reproduces the network without it bit for bit).
-        y = y.contiguous(memory_format=_memory_format(x))
+        layout = _memory_format(x)
+        y = y.contiguous(memory_format=layout)
+        bn = self.bn if self.norm == "batch" else None
         if fast:
-            z = fuse.conv_bn(self.out, self.bn if self.norm == "batch" else None, y, residual=x)
-            z = z.contiguous(memory_format=_memory_format(x))  # the input's layout, as below
-            return (z, weights) if return_attention else z
+            return fuse.conv_bn(self.out, bn, y, residual=x).contiguous(memory_format=layout)
         wz = self.out(y)
-        if self.norm == "batch":
-            wz = self.bn(wz)
-        z = wz + x
-        return (z, weights) if return_attention else z
-
-
-def _apply(layer: nn.Module, t: Tensor) -> Tensor:
-    return layer(t)
+        return (wz if bn is None else bn(wz)) + x
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    if (
-        x.dim() == 5
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        return torch.channels_last_3d
+    """channels-last(-3d) when x is laid out so (and not also contiguous), else contiguous."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return fmt
     return torch.contiguous_format
 
 
 def _to5d_kernel(kernel: tuple[int, ...] | None, dim: int) -> tuple[int, int, int]:
     """The pooling kernel as (kT, kH, kW), matching :func:`_to5d`."""
-    if kernel is None:
-        return (1, 1, 1)
-    padded = (1,) * (3 - dim) + tuple(kernel)
-    return (padded[0], padded[1], padded[2])
+    t, h, w = (1,) * (3 - dim) + (kernel or (1,) * dim)
+    return (t, h, w)
 
 
 def find_nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:

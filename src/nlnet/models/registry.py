@@ -14,7 +14,6 @@ from nlnet.registry import Registry
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 #: Decorator registering a builder ``fn(num_classes=..., **kwargs) -> nn.Module`` under a name.
 register_model = MODELS.register
-_MODELS = MODELS._items  # the name -> builder table (tests register and remove helpers here)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -30,7 +30,8 @@ With ``freeze_bn=True`` every backbone BN is a :class:`FrozenBatchNorm` whose st
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -449,103 +450,46 @@ class VideoResNet(nn.Module):
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        n_stages = len(stage_blocks)
-        if n_stages == 0 or len(stage_widths) != n_stages:
-            raise ValueError(
-                f"stage_blocks and stage_widths must be non-empty and of equal length, got "
-                f"{list(stage_blocks)} and {list(stage_widths)}"
-            )
-        if any(not isinstance(n, int) or n < 1 for n in stage_blocks):
-            raise ValueError(f"stage_blocks must be positive ints, got {list(stage_blocks)}")
-        if inflate not in INFLATE_STYLES:
-            raise ValueError(f"unknown inflate {inflate!r}; expected one of {INFLATE_STYLES}")
-        if block not in BLOCK_TYPES:
-            raise ValueError(f"unknown block {block!r}; expected one of {BLOCK_TYPES}")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if temporal_kernels is None:
-            temporal_kernels = [[1] * n for n in stage_blocks]
-        if len(temporal_kernels) != n_stages or any(
-            len(k) != n for k, n in zip(temporal_kernels, stage_blocks)
-        ):
-            raise ValueError(
-                f"temporal_kernels must give one kernel per block {list(stage_blocks)}, "
-                f"got {[list(k) for k in temporal_kernels]}"
-            )
-        if any(not isinstance(k, int) or k < 1 or k % 2 == 0 for s in temporal_kernels for k in s):
-            raise ValueError(
-                f"temporal kernels must be odd positive ints, got {[list(k) for k in temporal_kernels]}"
-            )
-        strides = list(stage_strides) if stage_strides is not None else [1] + [2] * (n_stages - 1)
-        if len(strides) != n_stages:
-            raise ValueError(f"stage_strides needs {n_stages} entries, got {strides}")
-
-        self.stage_names = [f"res{i + 2}" for i in range(n_stages)]
-        placement = self._placement(nonlocal_blocks or {}, stage_blocks)
-        overrides = {stage_name(k): dict(v) for k, v in (nonlocal_stage_kwargs or {}).items()}
-        for name in overrides:
-            if name not in self.stage_names:
-                raise ValueError(
-                    f"nonlocal_stage_kwargs names stage {name!r}; stages are {self.stage_names}"
-                )
+        temporal_kernels, strides = _check_stages(
+            stage_blocks, stage_widths, temporal_kernels, stage_strides, inflate, block, num_classes
+        )
+        self.stage_names = [f"res{i + 2}" for i in range(len(stage_blocks))]
+        placement, overrides = self._nonlocal_plan(
+            nonlocal_blocks or {}, nonlocal_stage_kwargs or {}, stage_blocks
+        )
         self.inflate = inflate
         self.freeze_bn = freeze_bn
         self.fc_init_std = fc_init_std
         self.zero_init_residual = zero_init_residual
         norm = _NormFactory(freeze_bn, bn_eps, bn_momentum, factory)
+        self.stem = self._build_stem(
+            in_channels, stem_channels, stem_kernel, stem_stride, stem_padding, pool1, norm
+        )
 
-        kernel = _triple(stem_kernel, "stem_kernel")
-        padding = (
-            (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2)
-            if stem_padding is None
-            else _triple(stem_padding, "stem_padding")
-        )
-        self.stem = Stem(
-            in_channels,
-            stem_channels,
-            kernel,
-            _triple(stem_stride, "stem_stride"),
-            padding,
-            _pool_spec(pool1, "pool1"),
-            norm,
-            factory,
-        )
+        def make_nonlocal(stage: str, channels: int) -> NonLocalBlock:
+            kw = {**dict(nonlocal_kwargs or {}), **overrides.get(stage, {})}
+            return NonLocalBlock(channels, dim=3, **kw, **factory)
+
         block_cls = Bottleneck if block == "bottleneck" else BasicBlock
-        channels = stem_channels
-        for s, (n, width, stride, kernels) in enumerate(
-            zip(stage_blocks, stage_widths, strides, temporal_kernels)
-        ):
-            name = self.stage_names[s]
-            layers: OrderedDict[str, nn.Module] = OrderedDict()
-            for i in range(n):
-                unit = block_cls(
-                    channels,
-                    width,
-                    stride=stride if i == 0 else 1,
-                    temporal_kernel=kernels[i],
-                    inflate=inflate,
-                    norm=norm,
-                    factory=factory,
-                )
-                layers[str(i)] = unit
-                channels = unit.out_channels
-                if i in placement.get(name, ()):
-                    kw = {**dict(nonlocal_kwargs or {}), **overrides.get(name, {})}
-                    layers[f"nonlocal{i}"] = NonLocalBlock(channels, dim=3, **kw, **factory)
-            self.add_module(name, ResStage(layers))
-            if s == 0:
-                spec = _pool_spec(pool2, "pool2")
-                self.pool2 = None if spec is None else nn.MaxPool3d(spec[0], spec[1], spec[2])
-        self.out_channels = channels
-        self.head = Head(channels, num_classes, dropout, factory, test_head=test_head)
+        self.out_channels = self._build_stages(
+            stem_channels,
+            zip(stage_blocks, stage_widths, strides, temporal_kernels),
+            partial(block_cls, inflate=inflate, norm=norm, factory=factory),
+            placement,
+            make_nonlocal,
+            pool2,
+        )
+        self.head = Head(self.out_channels, num_classes, dropout, factory, test_head=test_head)
         self.reset_parameters()
 
-    @staticmethod
-    def _placement(
-        mapping: Mapping[int | str, Sequence[int]], stage_blocks: Sequence[int]
-    ) -> dict[str, tuple[int, ...]]:
-        out: dict[str, tuple[int, ...]] = {}
-        names = [f"res{i + 2}" for i in range(len(stage_blocks))]
+    def _nonlocal_plan(
+        self,
+        mapping: Mapping[int | str, Sequence[int]],
+        stage_kwargs: Mapping[int | str, Mapping[str, Any]],
+        stage_blocks: Sequence[int],
+    ) -> tuple[dict[str, tuple[int, ...]], dict[str, dict[str, Any]]]:
+        """Where NL blocks go, ``{stage name: block indices}``, and the per-stage NL kwargs."""
+        names, placement = self.stage_names, {}
         if not isinstance(mapping, Mapping):
             raise TypeError(
                 f"nonlocal_blocks must be a mapping {{stage: [block indices]}}, got {mapping!r}"
@@ -560,8 +504,59 @@ class VideoResNet(nn.Module):
                 raise ValueError(
                     f"nonlocal_blocks[{key!r}] = {list(indices)}: block indices must be in [0, {n})"
                 )
-            out[name] = idx
-        return out
+            placement[name] = idx
+        overrides = {stage_name(k): dict(v) for k, v in stage_kwargs.items()}
+        for name in overrides:
+            if name not in names:
+                raise ValueError(f"nonlocal_stage_kwargs names stage {name!r}; stages are {names}")
+        return placement, overrides
+
+    @staticmethod
+    def _build_stem(
+        in_channels: int,
+        channels: int,
+        kernel: int | Sequence[int],
+        stride: int | Sequence[int],
+        padding: int | Sequence[int] | None,
+        pool1: PoolSpec | None,
+        norm: _NormFactory,
+    ) -> Stem:
+        """conv1 → BN → ReLU → pool1 (Table 1's first rows); conv1's padding defaults to k // 2."""
+        k = _triple(kernel, "stem_kernel")
+        pad = _triple([x // 2 for x in k] if padding is None else padding, "stem_padding")
+        stride3, pool = _triple(stride, "stem_stride"), _pool_spec(pool1, "pool1")
+        return Stem(in_channels, channels, k, stride3, pad, pool, norm, norm.factory)
+
+    def _build_stages(
+        self,
+        channels: int,
+        stages: Iterable[tuple[int, int, int, Sequence[int]]],
+        make_block: Callable[..., Bottleneck | BasicBlock],
+        placement: Mapping[str, tuple[int, ...]],
+        make_nonlocal: Callable[[str, int], NonLocalBlock],
+        pool2: PoolSpec | None,
+    ) -> int:
+        """res2, res3, … (Table 1): residual blocks, an NL block after each placed one; out width."""
+        for s, (name, (n, width, stride, kernels)) in enumerate(zip(self.stage_names, stages)):
+            layers: OrderedDict[str, nn.Module] = OrderedDict()
+            for i in range(n):
+                unit = make_block(
+                    channels, width, stride=1 if i else stride, temporal_kernel=kernels[i]
+                )
+                layers[str(i)] = unit
+                channels = unit.out_channels
+                if i in placement.get(name, ()):
+                    layers[f"nonlocal{i}"] = make_nonlocal(name, channels)
+            self.add_module(name, ResStage(layers))
+            if s == 0:
+                self.pool2 = self._build_pool2(pool2)
+        return channels
+
+    @staticmethod
+    def _build_pool2(pool2: PoolSpec | None) -> nn.MaxPool3d | None:
+        """The temporal max-pool after res2 (Table 1's 3×1×1; the original code's 2×1×1)."""
+        spec = _pool_spec(pool2, "pool2")
+        return None if spec is None else nn.MaxPool3d(spec[0], spec[1], spec[2])
 
     def reset_parameters(self) -> None:
         """MSRA init for convs, γ=1/β=0 for BN, N(0, 0.01) for the fc; NL blocks keep their own."""
@@ -624,14 +619,11 @@ class VideoResNet(nn.Module):
                 f"VideoResNet expects (B, C, T, H, W) clips, got shape {tuple(x.shape)}"
             )
         feats: dict[str, Tensor] = {}
-        x = self.stem(x)
-        feats["stem"] = x
+        x = feats["stem"] = self.stem(x)
         for i, name in enumerate(self.stage_names):
-            x = getattr(self, name)(x)
-            feats[name] = x
+            x = feats[name] = getattr(self, name)(x)
             if i == 0 and self.pool2 is not None:
-                x = _checked_pool(self.pool2, x, "pool2")
-                feats["pool2"] = x
+                x = feats["pool2"] = _checked_pool(self.pool2, x, "pool2")
         return feats
 
     def forward(self, x: Tensor) -> Tensor:
@@ -643,20 +635,11 @@ class VideoResNet(nn.Module):
             raise ValueError(
                 f"VideoResNet expects (B, C, T, H, W) clips, got shape {tuple(x.shape)}"
             )
-        if fuse.enabled(self, x):
-            return self._fast_forward(x)
-        x = self.stem(x)
+        fast = fuse.enabled(self, x)  # eval, autograd off: BN folded, channels-last (nlnet.fuse)
+        x = self.stem.fast_forward(x) if fast else self.stem(x)
         for i, name in enumerate(self.stage_names):
-            x = getattr(self, name)(x)
-            if i == 0 and self.pool2 is not None:
-                x = _checked_pool(self.pool2, x, "pool2")
-        return self.head(x)
-
-    def _fast_forward(self, x: Tensor) -> Tensor:
-        """The eval forward of :mod:`nlnet.fuse`: BN folded, channels-last."""
-        x = self.stem.fast_forward(x)
-        for i, name in enumerate(self.stage_names):
-            x = getattr(self, name).fast_forward(x)
+            stage = getattr(self, name)
+            x = stage.fast_forward(x) if fast else stage(x)
             if i == 0 and self.pool2 is not None:
                 x = _checked_pool(self.pool2, x, "pool2")
         return self.head(x)
@@ -673,6 +656,46 @@ def _checked_pool(pool: nn.MaxPool3d, x: Tensor, name: str) -> Tensor:
             f"variant (e.g. 'speed' has no temporal stride in the stem)"
         )
     return max_pool(pool, x)
+
+
+def _check_stages(
+    stage_blocks: Sequence[int],
+    stage_widths: Sequence[int],
+    temporal_kernels: Sequence[Sequence[int]] | None,
+    stage_strides: Sequence[int] | None,
+    inflate: str,
+    block: str,
+    num_classes: int,
+) -> tuple[Sequence[Sequence[int]], list[int]]:
+    """VideoResNet's layout arguments, checked; its temporal kernels and stage strides."""
+    n_stages = len(stage_blocks)
+    if n_stages == 0 or len(stage_widths) != n_stages:
+        raise ValueError(
+            f"stage_blocks and stage_widths must be non-empty and of equal length, got "
+            f"{list(stage_blocks)} and {list(stage_widths)}"
+        )
+    if any(not isinstance(n, int) or n < 1 for n in stage_blocks):
+        raise ValueError(f"stage_blocks must be positive ints, got {list(stage_blocks)}")
+    if inflate not in INFLATE_STYLES:
+        raise ValueError(f"unknown inflate {inflate!r}; expected one of {INFLATE_STYLES}")
+    if block not in BLOCK_TYPES:
+        raise ValueError(f"unknown block {block!r}; expected one of {BLOCK_TYPES}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    kernels = [[1] * n for n in stage_blocks] if temporal_kernels is None else temporal_kernels
+    if len(kernels) != n_stages or any(len(k) != n for k, n in zip(kernels, stage_blocks)):
+        raise ValueError(
+            f"temporal_kernels must give one kernel per block {list(stage_blocks)}, "
+            f"got {[list(k) for k in kernels]}"
+        )
+    if any(not isinstance(k, int) or k < 1 or k % 2 == 0 for s in kernels for k in s):
+        raise ValueError(
+            f"temporal kernels must be odd positive ints, got {[list(k) for k in kernels]}"
+        )
+    strides = list(stage_strides) if stage_strides is not None else [1] + [2] * (n_stages - 1)
+    if len(strides) != n_stages:
+        raise ValueError(f"stage_strides needs {n_stages} entries, got {strides}")
+    return kernels, strides
 
 
 def _pool_spec(spec: PoolSpec | None, name: str) -> PoolSpec | None:
