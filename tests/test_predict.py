@@ -437,7 +437,7 @@ def test_attention_figure_for_the_video(data, tmp_path: Path, capsys) -> None:
 
 def test_fully_conv_head_through_predict(data, tmp_path: Path, capsys) -> None:
     """A VideoResNet at the release's 256 crop: res5 8×8 → 2×2 windows, softmax averaged."""
-    from test_test_head import loop_reference
+    from models.test_test_head import loop_reference
 
     pre = {**PRE, "test_scale": 256, "crop": 256, "clips": 2, "frames": 4, "stride": 3}
     weights = save_weights(tmp_path / "r.pth", "predict_test_resnet", pre, seed=3)
