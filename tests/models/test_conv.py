@@ -53,3 +53,31 @@ def test_other_shapes_stay_in_bf16_and_match_nn_conv3d() -> None:
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
     assert list(conv.state_dict()) == ["weight"] and isinstance(conv, torch.nn.Conv3d)
+
+
+def test_guard_convolutions_converts_plain_layers_in_place() -> None:
+    """A plain 2-D network (as torchvision's detectors are built) gets the same guard: a 3×3
+    stride-2 convolution of 256 channels on a 1×1 map, where oneDNN's bf16 weight gradient
+    fails, gives the float64 gradient after ``guard_convolutions``."""
+    from nlnet.models.conv import Conv2d, guard_convolutions
+
+    gen = torch.Generator().manual_seed(2)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(256, 32, 3, stride=2, padding=1, bias=True),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(4, 4, 1),  # unused here: converted too
+        Conv3d(4, 4, 1),  # already guarded: left as it is
+    )
+    keys = list(net.state_dict())
+    reference = torch.nn.Conv2d(256, 32, 3, stride=2, padding=1).double()
+    reference.load_state_dict(net[0].state_dict())
+    assert guard_convolutions(net) == 2
+    assert type(net[0]) is Conv2d and type(net[2]) is Conv3d and type(net[3]) is Conv3d
+    assert list(net.state_dict()) == keys
+    assert guard_convolutions(net) == 0  # idempotent
+    x = torch.randn(2, 256, 1, 1, generator=gen)
+    dy = torch.randn(2, 32, 1, 1, generator=gen)
+    _, dw, dx = _grads(net[0], x, dy, bf16=True)
+    _, rw, rx = _grads(reference, x.double(), dy.double(), bf16=False)
+    torch.testing.assert_close(dw, rw, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx, rx, rtol=1e-4, atol=1e-5)

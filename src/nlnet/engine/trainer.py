@@ -59,6 +59,7 @@ from nlnet.engine.runtime import (
 from nlnet.engine.samplers import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.engine.task import Task, build_task
 from nlnet.io import atomic_save, atomic_write_text
+from nlnet.models.conv import guard_convolutions
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,6 +125,11 @@ class Trainer:
         model = self.model.to(self.device)
         if channels_last(cfg, self.device):
             to_channels_last(model)
+        if (
+            self.device.type == "cpu"
+            and precision(cfg.train.amp, self.device, training=True) == "bf16"
+        ):
+            guard_convolutions(model)  # oneDNN's bf16 weight-gradient bug (nlnet.models.conv)
         if cfg.train.sync_bn and self.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             self.model = model

@@ -1,13 +1,17 @@
-"""``Conv3d``: ``nn.Conv3d`` with a guard against a oneDNN bf16 weight-gradient bug on CPU.
+"""``Conv3d``/``Conv2d``: convolutions guarded against a oneDNN bf16 weight-gradient bug on CPU.
 
 Under CPU bf16 autocast, oneDNN (as shipped with PyTorch 2.14) returns garbage weight gradients
 (NaN, or values of 1e30) for a 3-D convolution whose kernel is longer than its input along some
 axis: e.g. I3D's 3×1×1 convolutions at T = 2 (``res3``+ of an 8-frame clip) or 5×1×1 at T = 3,
 4; a 7×7 kernel on a 2×2 map.  Not every such shape fails, and the failing ones do not always
-fail (uninitialised memory); the forward and the input gradient are right.  Such a convolution
-is computed in float32 here: it is cheap (the input is tiny along that axis) and exact.  Every
-other convolution runs as ``nn.Conv3d`` does.  State-dict keys and parameters are those of
-``nn.Conv3d`` (this is a subclass), so weights load unchanged.
+fail (uninitialised memory); the forward and the input gradient are right.  2-D convolutions
+have the same bug (a 3×3 stride-2 convolution of 256 channels on a 1×1 map, 7×7 on 2×2).  Such a
+convolution is computed in float32 here: it is cheap (the input is tiny along that axis) and
+exact.  Every other convolution runs as ``nn.Conv3d``/``nn.Conv2d`` does.  These are
+subclasses with the same parameters and state-dict keys, so weights load unchanged;
+:class:`~nlnet.models.resnet.VideoResNet` is built from :class:`Conv3d`, and
+:func:`guard_convolutions` converts the plain convolutions of any other model (the trainer does
+so before training in bf16 on a CPU).
 """
 
 from __future__ import annotations
@@ -21,16 +25,49 @@ def kernel_exceeds_input(kernel: tuple[int, ...], x: Tensor) -> bool:
     return any(k > s for k, s in zip(kernel, x.shape[-len(kernel) :], strict=True))
 
 
+def _needs_float32(conv: nn.Conv2d | nn.Conv3d, x: Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and kernel_exceeds_input(conv.kernel_size, x)
+    )
+
+
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d``; in float32 when CPU bf16 autocast meets a kernel longer than its input."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            x.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and kernel_exceeds_input(self.kernel_size, x)
-        ):
+        if _needs_float32(self, x):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
         return super().forward(x)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d``; in float32 when CPU bf16 autocast meets a kernel longer than its input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _needs_float32(self, x):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+_GUARDED: dict[type, type] = {nn.Conv3d: Conv3d, nn.Conv2d: Conv2d}
+
+
+def guard_convolutions(model: nn.Module) -> int:
+    """Turn every plain ``nn.Conv2d``/``nn.Conv3d`` of ``model`` into its guarded subclass, in
+    place (parameters, hooks and state dict unchanged); return how many were converted.
+
+    Subclasses of the plain layers (e.g. torchvision's or already guarded ones) are left as
+    they are: only modules whose type is exactly ``nn.Conv2d``/``nn.Conv3d`` change class.
+    """
+    converted = 0
+    for module in model.modules():
+        guarded = _GUARDED.get(type(module))
+        if guarded is not None:
+            module.__class__ = guarded
+            converted += 1
+    return converted
