@@ -121,3 +121,26 @@ def test_bf16_training_step_follows_float32(frames: int) -> None:
     grads = [torch.cat([g.flatten() for g in r[1:]]) for r in (ref, got)]
     assert cos(*grads, dim=0) > 0.995
     assert 0.98 < grads[1].norm() / grads[0].norm() < 1.02
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_trainer_applies_the_resolved_defaults(tmp_path, monkeypatch, capsys, native) -> None:
+    """With train.amp=auto the trainer lays the 3-D weights out channels-last, guards the plain
+    convolutions and says so, exactly when the CPU has native bf16; float32 untouched otherwise."""
+    from engine_helpers import register, tiny_config, write_config
+    from nlnet.config import load_config
+    from nlnet.engine.trainer import Trainer
+    from nlnet.models.conv import Conv3d as GuardedConv3d
+
+    register()
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    raw = tiny_config(tmp_path / "run", solver={"max_iter": 2, "steps": [1]})
+    raw["train"].update(eval_period=0, precise_bn_batches=0)
+    trainer = Trainer(load_config(write_config(tmp_path / "c.yaml", raw)))
+    trainer.run()
+    conv = trainer.model.conv
+    assert (type(conv) is GuardedConv3d) is native
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) is native
+    err = capsys.readouterr().err
+    assert ("bf16 autocast, channels-last (train.amp=auto)" in err) is native
+    assert ("device cpu, float32 (train.amp=auto)" in err) is not native
