@@ -569,3 +569,37 @@ def test_concatenation_custom_backward_equals_autograd_path(chunk, monkeypatch):
     for x, r in zip(*outs):
         torch.testing.assert_close(x, r, rtol=1e-12, atol=1e-12)
     assert outs[0][1].abs().sum() > 0 and outs[0][3][1, 3:].abs().sum() == 0  # padded: no grad
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_small_training_affinity_uses_plain_products(monkeypatch, use_mask):
+    """CPU training at B·Nq·Nk ≤ EXPLICIT_TRAINING_MAX_AFFINITY: plain products on the explicit
+    matrix (no kernel called), values and gradients equal to the explicit backend's in float64;
+    above it the blocked kernels."""
+    monkeypatch.setattr(fast_mod, "EXPLICIT_TRAINING_MAX_AFFINITY", 1 * 9 * 7)
+    monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)
+    calls = []
+    orig = fast_mod._SoftmaxAttentionCPU.apply
+    monkeypatch.setattr(
+        fast_mod._SoftmaxAttentionCPU, "apply", lambda *a: calls.append(1) or orig(*a)
+    )
+    gen = torch.Generator().manual_seed(11)
+    for b, kernel in ((1, False), (2, True)):
+        t = [
+            torch.randn(b, 9, 4, generator=gen, dtype=F64, requires_grad=True),
+            torch.randn(b, 7, 4, generator=gen, dtype=F64, requires_grad=True),
+            torch.randn(b, 7, 3, generator=gen, dtype=F64, requires_grad=True),
+        ]
+        mask = None
+        if use_mask:
+            mask = torch.zeros(b, 7, dtype=torch.bool)
+            mask[:, 5:] = True
+        calls.clear()
+        res = _explicit_and_auto_grads(
+            "embedded_gaussian", t, mask, torch.randn(b, 9, 3, dtype=F64)
+        )
+        assert bool(calls) == kernel
+        for a, e in zip(res["auto"], res["explicit"]):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+        if use_mask:
+            assert res["auto"][3][:, 5:].abs().max() == 0  # no gradient reaches padded values

@@ -2,7 +2,8 @@
 
 ``nonlocal_attention`` computes Eq. (1), y_i = 1/C(x) Σ_j f(x_i, x_j) g(x_j), for the four
 instantiations of f (Eq. 2–5).  ``backend="explicit"`` builds the (B, Nq, Nk) weights (the
-reference); ``backend="auto"`` is exact and never builds them (see :mod:`nlnet.ops.fast`).
+reference); ``backend="auto"`` is exact and never builds them — except a small matrix (≤ 16 MiB)
+in CPU training, where plain products are the fastest (see :mod:`nlnet.ops.fast`).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def nonlocal_attention(
             (the original code) and 1 for ``gaussian`` (the paper).  Ignored by the linear forms.
         concat_weight: w_f, 2·d elements (θ half first), for ``concatenation``.
         key_padding_mask: (B, Nk) bool, True = padding: such keys take no part in f nor in N.
-        backend: ``auto`` (exact, never builds the Nq × Nk matrix) or ``explicit`` (the reference).
+        backend: ``auto`` (exact, never builds the Nq × Nk matrix but a small one in CPU training)
+            or ``explicit`` (the reference).
         return_attention: also return the (B, Nq, Nk) weights f/C (forces the explicit path).
 
     Returns:
