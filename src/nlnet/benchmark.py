@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from tqdm import tqdm
@@ -421,11 +422,6 @@ def _train_step(model: Any, x: Any, amp: str = "none") -> None:
     y.float().logsumexp(1).sum().backward()
 
 
-def _default_train_step(model: Any, x: Any) -> None:
-    """A training step with ``nlnet train``'s defaults (bf16 autocast where the CPU has it)."""
-    _train_step(model, x, _training_defaults()[0])
-
-
 def _eval_step(model: Any, x: Any) -> Any:
     import torch
 
@@ -440,6 +436,22 @@ def _eval_step_bf16(model: Any, x: Any) -> Any:
         return model(x)
 
 
+def _steps(mode: str) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]:
+    """(default's step, plain's step) of a benchmark mode.
+
+    ``train``: nlnet train's defaults (bf16 autocast where the CPU has it) against the plain
+    float32 network; ``train-fp32``: both float32 (only the NL backend differs); ``eval-bf16``:
+    the default under bf16 autocast against the plain float32 network; ``eval``: both float32.
+    """
+    if mode == "train":
+        return partial(_train_step, amp=_training_defaults()[0]), _train_step
+    if mode == "train-fp32":
+        return _train_step, _train_step
+    if mode == "eval-bf16":
+        return _eval_step_bf16, _eval_step
+    return _eval_step, _eval_step
+
+
 def compare_model_times(
     name: str, frames: int, size: int, mode: str, repeats: int, clock: str = "wall"
 ) -> dict[str, Any]:
@@ -452,14 +464,7 @@ def compare_model_times(
 
     default, plain, x = _model_pair(name, frames, size, mode)
     now = time.process_time if clock == "cpu" else time.perf_counter
-    if mode == "train":  # nlnet train's defaults against the plain float32 network
-        steps = (_default_train_step, _train_step)
-    elif mode == "train-fp32":  # both in float32: only the NL backend differs
-        steps = (_train_step, _train_step)
-    elif mode == "eval-bf16":  # the default under bf16 autocast against the plain float32 one
-        steps = (_eval_step_bf16, _eval_step)
-    else:
-        steps = (_eval_step, _eval_step)
+    steps = _steps(mode)
     out: dict[str, Any] = {}
     a, b = steps[0](default, x), steps[1](plain, x)
     if not mode.startswith("train"):
@@ -484,11 +489,7 @@ def _model_peak(name: str, frames: int, size: int, mode: str, which: str) -> dic
     pair = _model_pair(name, frames, size, mode)
     model, x = pair[0 if which == "default" else 1], pair[2]
     del pair  # keep only the measured network
-    steps = {"train": _train_step, "train-fp32": _train_step, "eval": _eval_step}
-    steps.update({"eval-bf16": _eval_step_bf16})
-    if which == "default":
-        steps["train"] = _default_train_step
-    step = steps[mode]
+    step = _steps(mode)[0 if which == "default" else 1]
     _reset_peak_rss()
     base = _rss_kib("VmRSS") * 1024
     step(model, x)

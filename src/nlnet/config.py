@@ -138,7 +138,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Mixed precision. "auto": bf16 autocast for training where the hardware runs bf16 natively
     #: (CUDA Ampere+, CPUs with AVX512-BF16/AMX), float32 elsewhere and for every evaluation;
-    #: "bf16"/"fp16" (CUDA only): autocast for training and evaluation; "none": float32.
+    #: "bf16" or "fp16" (CUDA only): autocast for training and evaluation; "none": float32.
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     #: Layout of the 3-D convolutions' weights (and so of the activations) in training. "auto":
     #: channels-last when training in bf16 on a CPU (measured faster), else contiguous.

@@ -106,6 +106,9 @@ class Trainer:
             restore_global_flags(self._flags)
             raise
         self.out = Path(cfg.train.output_dir)
+        #: ``train.amp`` and ``train.memory_format`` resolved for this device (logged at start).
+        self.train_amp = precision(cfg.train.amp, self.device, training=True)
+        self.channels_last = channels_last(cfg, self.device)
         self.autocast = autocast_factory(cfg, self.device, training=True)  # forward + backward
         self.eval_autocast = autocast_factory(cfg, self.device)  # validation
         self._stop_signal = 0
@@ -123,21 +126,16 @@ class Trainer:
         self.train_set = self.task.build_dataset("train")
         self.val_set = self.task.build_dataset("val") if cfg.train.eval_period > 0 else None
         model = self.model.to(self.device)
-        if channels_last(cfg, self.device):
+        if self.channels_last:
             to_channels_last(model)
-        if (
-            self.device.type == "cpu"
-            and precision(cfg.train.amp, self.device, training=True) == "bf16"
-        ):
+        if self.device.type == "cpu" and self.train_amp == "bf16":
             guard_convolutions(model)  # oneDNN's bf16 weight-gradient bug (nlnet.models.conv)
         if cfg.train.sync_bn and self.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             self.model = model
         self.schedule = build_schedule(cfg.solver, self.plan)
         self.optimizer = build_optimizer(model, cfg.solver, self.schedule.lr_at(0))
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=precision(cfg.train.amp, self.device, training=True) == "fp16"
-        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train_amp == "fp16")
         self.iteration = 0
         self._resume()
         train_model: nn.Module = model
@@ -400,9 +398,8 @@ class Trainer:
         )
 
     def _precision_note(self) -> str:
-        amp = precision(self.cfg.train.amp, self.device, training=True)
-        note = "float32" if amp == "none" else f"{amp} autocast"
-        if channels_last(self.cfg, self.device):
+        note = "float32" if self.train_amp == "none" else f"{self.train_amp} autocast"
+        if self.channels_last:
             note += ", channels-last"
         return note + (" (train.amp=auto)" if self.cfg.train.amp == "auto" else "")
 

@@ -25,33 +25,29 @@ def kernel_exceeds_input(kernel: tuple[int, ...], x: Tensor) -> bool:
     return any(k > s for k, s in zip(kernel, x.shape[-len(kernel) :], strict=True))
 
 
-def _needs_float32(conv: nn.Conv2d | nn.Conv3d, x: Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and kernel_exceeds_input(conv.kernel_size, x)
-    )
+class _Guarded:
+    """``forward`` of the guarded convolutions: float32 exactly where oneDNN's bf16 fails."""
+
+    kernel_size: tuple[int, ...]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and kernel_exceeds_input(self.kernel_size, x)
+        ):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())  # type: ignore[misc]
+        return super().forward(x)  # type: ignore[misc]
 
 
-class Conv3d(nn.Conv3d):
+class Conv3d(_Guarded, nn.Conv3d):
     """``nn.Conv3d``; in float32 when CPU bf16 autocast meets a kernel longer than its input."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if _needs_float32(self, x):
-            with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float())
-        return super().forward(x)
 
-
-class Conv2d(nn.Conv2d):
+class Conv2d(_Guarded, nn.Conv2d):
     """``nn.Conv2d``; in float32 when CPU bf16 autocast meets a kernel longer than its input."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if _needs_float32(self, x):
-            with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float())
-        return super().forward(x)
 
 
 _GUARDED: dict[type, type] = {nn.Conv3d: Conv3d, nn.Conv2d: Conv2d}

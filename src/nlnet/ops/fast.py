@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nlnet.ops.pairwise import concat_projections, valid_key_count, widen
+from nlnet.ops.pairwise import concat_projections, explicit_nonlocal, valid_key_count, widen
 
 T = TypeVar("T")
 
@@ -377,7 +377,7 @@ def softmax_attention(
     scale: float,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """softmax(scale·θφᵀ)·g (Eq. 2–3) without the Nq × Nk matrix; padded keys are excluded.
+    """softmax(scale·θφᵀ)·g (Eq. 2–3), padded keys excluded; builds no Nq × Nk matrix but a small one.
 
     * CPU, eager, gradients needed (float32/64), B·Nq·Nk ≤ ``EXPLICIT_TRAINING_MAX_AFFINITY``:
       plain products on the (small) weight matrix, the fastest there.
@@ -404,14 +404,19 @@ def softmax_attention(
             and q.shape[0] >= torch.get_num_threads()
             and q.shape[1] * k.shape[1] <= SDPA_TRAINING_MAX_AFFINITY
         )
-        if needs_grad and wide and q.shape[0] * q.shape[1] * k.shape[1] <= (
-            EXPLICIT_TRAINING_MAX_AFFINITY
+        if (
+            needs_grad
+            and wide
+            and q.shape[0] * q.shape[1] * k.shape[1] <= (EXPLICIT_TRAINING_MAX_AFFINITY)
         ):
-            logits = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
-            bias = _mask_bias(key_padding_mask, q)
-            if bias is not None:
-                logits = logits + bias[:, None, :]
-            return torch.bmm(torch.softmax(logits, dim=-1), v)
+            return explicit_nonlocal(
+                q,
+                k,
+                v,
+                pairwise="embedded_gaussian",
+                scale=scale,
+                key_padding_mask=key_padding_mask,
+            )[0]
         if d != dv or (needs_grad and wide and not sdpa_wins):
             out_dtype = dtype
             if not wide:  # half inputs: compute the blocked path in float32 (no overflow)
