@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nlnet.models.conv import Conv3d, kernel_exceeds_input
+from nlnet.engine.runtime import to_channels_last
+from nlnet.models.conv import Conv2d, Conv3d, kernel_exceeds_input, strided_pointwise
 
 
 def _grads(conv: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool):
@@ -81,3 +82,52 @@ def test_guard_convolutions_converts_plain_layers_in_place() -> None:
     _, rw, rx = _grads(reference, x.double(), dy.double(), bf16=False)
     torch.testing.assert_close(dw, rw, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dx, rx, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cls", "shape", "stride", "channels_last"),
+    [
+        (Conv3d, (1, 64, 1, 14, 14), (1, 2, 2), True),  # res5.0's shortcut at 8 frames (T = 1)
+        (Conv3d, (2, 32, 4, 9, 9), (2, 2, 2), False),  # odd sizes: the last row/column counts
+        (Conv2d, (2, 32, 9, 9), (2, 2), False),  # torchvision's downsample projection
+    ],
+)
+def test_strided_pointwise_convolution_subsamples_then_multiplies(
+    cls, shape, stride, channels_last
+) -> None:
+    """Under CPU bf16 autocast a strided 1×1(×1) convolution runs as sub-sampling + a stride-1
+    convolution (oneDNN's strided bf16 weight gradient can hang): values and both gradients
+    follow float64 to bf16 rounding, with a bias too."""
+    gen = torch.Generator().manual_seed(2)
+    conv = cls(shape[1], 48, 1, stride=stride, bias=True)
+    with torch.no_grad():
+        conv.bias.normal_(generator=gen)
+    assert strided_pointwise(conv.kernel_size, conv.stride, conv.padding)
+    x = torch.randn(*shape, generator=gen)
+    if channels_last:
+        to_channels_last(conv)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    plain = (torch.nn.Conv3d if cls is Conv3d else torch.nn.Conv2d)(
+        shape[1], 48, 1, stride=stride, bias=True
+    ).double()
+    plain.load_state_dict(conv.state_dict())
+    out = [(s + st - 1) // st for s, st in zip(shape[2:], stride, strict=True)]
+    dy = torch.randn(shape[0], 48, *out, generator=gen)
+    y, dw, dx = _grads(conv, x, dy, bf16=True)
+    with torch.no_grad():  # the reference sees the bf16-rounded operands autocast gives oneDNN
+        plain.weight.copy_(plain.weight.bfloat16().double())
+    ry, rw, rx = _grads(plain, x.bfloat16().double(), dy.bfloat16().double(), bf16=False)
+    assert y.dtype == torch.bfloat16 and y.shape == ry.shape
+    for ours, ref in ((y.double(), ry), (dw, rw), (dx, rx)):
+        assert ((ours - ref).norm() / ref.norm()).item() < 1e-2  # bf16 output rounding: ~3e-3
+    assert rx.abs().sum() > 0 and (rx == 0).any()  # only the strided positions get a gradient
+    assert torch.equal(dx != 0, rx != 0)
+    assert conv.bias.grad is not None and conv.bias.grad.dtype == torch.float32
+
+
+def test_padded_or_unstrided_pointwise_convolutions_are_not_rewritten() -> None:
+    assert not strided_pointwise((1, 1, 1), (1, 1, 1), (0, 0, 0))
+    assert not strided_pointwise((1, 1, 1), (1, 2, 2), (0, 1, 1))  # padding: not a sub-sampling
+    assert not strided_pointwise((1, 3, 3), (1, 2, 2), (0, 0, 0))
+    assert not strided_pointwise((1, 1), (2, 2), "same")
+    assert strided_pointwise((1, 1), (2, 2), "valid")
