@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -60,8 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: OpenMP threads spin this many times at a barrier before sleeping (libgomp's default: 300000).
+GOMP_SPINCOUNT = "30000"
+
+
+def openmp_defaults() -> bool:
+    """Let idle OpenMP threads sleep sooner; True if set (before torch loads libgomp).
+
+    With PyTorch's default of one thread per core and another busy process on the machine, a
+    thread that has finished its share spins at the barrier for libgomp's 300000 rounds while
+    the thread it waits for shares a core with the other process: a training step of I3D-NL5 R50
+    at 8×224² on 2 cores took 3.4 s instead of 0.36 s idle.  A tenth of the spinning leaves the
+    idle time as it was and took it to 1.35 s (BENCHMARKS.md, "Whole model"; OMP_WAIT_POLICY=
+    PASSIVE: 1.1 s, but 1.5× slower idle).  Not applied when torch is already imported or the
+    user chose (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` set).
+    """
+    if "torch" in sys.modules or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    openmp_defaults()
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help", "--version") or argv[0] not in COMMANDS:
         args = parser.parse_args(argv)  # prints help / version / the unknown-command error
