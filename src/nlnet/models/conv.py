@@ -67,11 +67,13 @@ class _Guarded:
 
 
 class Conv3d(_Guarded, nn.Conv3d):
-    """``nn.Conv3d``; in float32 when CPU bf16 autocast meets a kernel longer than its input."""
+    """``nn.Conv3d``; under CPU bf16 autocast, float32 where the kernel is longer than its input
+    and sub-sampling + stride 1 where a 1×1×1 kernel is strided (see the module docstring)."""
 
 
 class Conv2d(_Guarded, nn.Conv2d):
-    """``nn.Conv2d``; in float32 when CPU bf16 autocast meets a kernel longer than its input."""
+    """``nn.Conv2d``; under CPU bf16 autocast, float32 where the kernel is longer than its input
+    and sub-sampling + stride 1 where a 1×1 kernel is strided (see the module docstring)."""
 
 
 _GUARDED: dict[type, type] = {nn.Conv3d: Conv3d, nn.Conv2d: Conv2d}
