@@ -20,11 +20,13 @@ FLOPs convention (softmax forms): forward 4·B·Nq·Nk·d (two matmuls), forward
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing as mp
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -77,6 +79,68 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _heap_in_use() -> Callable[[], int] | None:
+    """Bytes glibc's malloc has handed out and not got back (``mallinfo2``: in-use heap chunks +
+    mapped blocks), or None where there is no ``mallinfo2`` (not glibc, or glibc < 2.33)."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = fn()
+        return int(info.uordblks + info.hblkhd)
+
+    return in_use
+
+
+class LiveHeapPeak:
+    """The peak of :func:`_heap_in_use` above its value at entry, sampled every ``interval`` s
+    by a thread while the block runs (PyTorch releases the GIL inside its operators).
+
+    This is the CPU analogue of ``torch.cuda.max_memory_allocated``: what the tensors and
+    everything else alive take, whatever the allocator keeps besides (peak RSS also counts the
+    freed heap memory glibc keeps resident).  ``mib`` is None where it cannot be measured.
+    """
+
+    def __init__(self, interval: float = 5e-4) -> None:
+        self.interval, self.mib = interval, None
+        self._in_use = _heap_in_use()
+        self._stop = threading.Event()
+
+    def __enter__(self) -> LiveHeapPeak:
+        if self._in_use is not None:
+            self._base = self._peak = self._in_use()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        assert self._in_use is not None
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._in_use())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._in_use is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._in_use())
+        self.mib = (self._peak - self._base) / 2**20
 
 
 def peer_concatenation(theta: Any, phi: Any, g: Any, w: Any) -> Any:
@@ -492,8 +556,9 @@ def _model_peak(name: str, frames: int, size: int, mode: str, which: str) -> dic
     step = _steps(mode)[0 if which == "default" else 1]
     _reset_peak_rss()
     base = _rss_kib("VmRSS") * 1024
-    step(model, x)
-    return {"mib": (_rss_kib("VmHWM") * 1024 - base) / 2**20}
+    with LiveHeapPeak() as live:
+        step(model, x)
+    return {"mib": (_rss_kib("VmHWM") * 1024 - base) / 2**20, "live_mib": live.mib}
 
 
 def model_peak(name: str, frames: int, size: int, mode: str, which: str) -> dict[str, Any]:
@@ -519,8 +584,12 @@ def model_benchmark(
         row: dict[str, Any] = {"frames": f, "mode": mode}
         row.update(compare_model_times(name, f, size, mode, repeats, clock))
         if memory:
-            row["default_mib"] = model_peak(name, f, size, mode, "default").get("mib")
-            row["plain_mib"] = model_peak(name, f, size, mode, "plain").get("mib")
+            for which in ("default", "plain"):
+                peak = model_peak(name, f, size, mode, which)
+                row[f"{which}_mib"], row[f"{which}_live_mib"] = (
+                    peak.get("mib"),
+                    peak.get("live_mib"),
+                )
         rows.append(row)
     return rows
 
@@ -528,18 +597,23 @@ def model_benchmark(
 def model_markdown(rows: list[dict[str, Any]], size: int) -> str:
     lines = [
         "| frames | pass | plain s | default s | time ratio | plain MiB | default MiB | "
-        "memory ratio | output rel. error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "memory ratio | live heap ratio | output rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio_of(num: float | None, den: float | None) -> float | None:
+        return num / den if num is not None and den else None
+
     for r in rows:
         ratio = r["default_s"] / r["plain_s"]
         pm, dm = r.get("plain_mib"), r.get("default_mib")
-        m_ratio = dm / pm if pm and dm is not None and pm > 0 else None
+        m_ratio = ratio_of(dm, pm)
+        live = ratio_of(r.get("default_live_mib"), r.get("plain_live_mib"))
         err = _fmt(r.get("rel_err"), ".1e")
         lines.append(
             f"| {r['frames']}×{size}² | {r['mode']} | {r['plain_s']:.3f} | {r['default_s']:.3f} | "
             f"{ratio:.3f} | {_fmt(pm, '.0f')} | {_fmt(dm, '.0f')} | {_fmt(m_ratio, '.3f')} | "
-            f"{err} |"
+            f"{_fmt(live, '.3f')} | {err} |"
         )
     return "\n".join(lines)
 
@@ -600,7 +674,9 @@ def run_model(args: argparse.Namespace) -> int:
         f"# nlnet bench --model {args.model}: torch {torch.__version__}, cpu, "
         f"{torch.get_num_threads()} threads, float32, batch 1, {args.size}²; time = fastest of "
         f"{repeats} interleaved rounds ({args.clock} clock); memory = peak RSS increase of one "
-        "step, each network in a fresh process. default = create_model(name); plain = "
+        "step, each network in a fresh process (the judged figure); live heap = peak of the "
+        "bytes malloc has handed out in that step (glibc mallinfo2, sampled every 0.5 ms: "
+        "without the freed memory glibc keeps resident). default = create_model(name); plain = "
         "backend='explicit', fast_inference=False (the peers' way). train: the default with "
         f"nlnet train's defaults here ({amp_note}); train-fp32: both in float32\n"
     )
