@@ -4,7 +4,8 @@
 default (``create_model(name)``: the ``auto`` NL backend, and in eval the fast path of
 :mod:`nlnet.fuse`) against the plain network (``backend="explicit"``, ``fast_inference=False``),
 interleaved in one process, eval forward and training step, with each one's peak memory in a
-fresh process; it exits non-zero when a target of issue 11 is missed.
+fresh process (peak RSS, judged, and the live heap of :class:`LiveHeapPeak`, reported); it exits
+non-zero when a target of issue 11 is missed.
 
 For each pairwise form (§3.2, Eq. 2–5) and each of the paper's sizes, forward and
 forward+backward are timed (median of several repeats after a warm-up) and their peak memory
@@ -128,6 +129,13 @@ class LiveHeapPeak:
             self._thread.start()
         return self
 
+    @property
+    def peak_mib(self) -> float | None:
+        """The peak above the entry value seen so far (None where it cannot be measured)."""
+        if self._in_use is None or not hasattr(self, "_base"):
+            return None
+        return (self._peak - self._base) / 2**20
+
     def _sample(self) -> None:
         assert self._in_use is not None
         while not self._stop.is_set():
@@ -140,7 +148,7 @@ class LiveHeapPeak:
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, self._in_use())
-        self.mib = (self._peak - self._base) / 2**20
+        self.mib = self.peak_mib
 
 
 def peer_concatenation(theta: Any, phi: Any, g: Any, w: Any) -> Any:
@@ -586,10 +594,8 @@ def model_benchmark(
         if memory:
             for which in ("default", "plain"):
                 peak = model_peak(name, f, size, mode, which)
-                row[f"{which}_mib"], row[f"{which}_live_mib"] = (
-                    peak.get("mib"),
-                    peak.get("live_mib"),
-                )
+                row[f"{which}_mib"] = peak.get("mib")
+                row[f"{which}_live_mib"] = peak.get("live_mib")
         rows.append(row)
     return rows
 

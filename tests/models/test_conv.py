@@ -84,6 +84,17 @@ def test_guard_convolutions_converts_plain_layers_in_place() -> None:
     torch.testing.assert_close(dx, rx, rtol=1e-4, atol=1e-5)
 
 
+def _graph_ops(y: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes ``y`` was computed through."""
+    nodes, stack = {}, [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and id(node) not in nodes:
+            nodes[id(node)] = node.name()
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return set(nodes.values())
+
+
 @pytest.mark.parametrize(
     ("cls", "shape", "stride", "channels_last"),
     [
@@ -118,6 +129,7 @@ def test_strided_pointwise_convolution_subsamples_then_multiplies(
         plain.weight.copy_(plain.weight.bfloat16().double())
     ry, rw, rx = _grads(plain, x.bfloat16().double(), dy.bfloat16().double(), bf16=False)
     assert y.dtype == torch.bfloat16 and y.shape == ry.shape
+    assert "SliceBackward0" in _graph_ops(y)  # the rewrite ran (the stock layer has no slice)
     for ours, ref in ((y.double(), ry), (dw, rw), (dx, rx)):
         assert ((ours - ref).norm() / ref.norm()).item() < 1e-2  # bf16 output rounding: ~3e-3
     assert rx.abs().sum() > 0 and (rx == 0).any()  # only the strided positions get a gradient
