@@ -129,12 +129,41 @@ def test_strided_pointwise_convolution_subsamples_then_multiplies(
         plain.weight.copy_(plain.weight.bfloat16().double())
     ry, rw, rx = _grads(plain, x.bfloat16().double(), dy.bfloat16().double(), bf16=False)
     assert y.dtype == torch.bfloat16 and y.shape == ry.shape
-    assert "SliceBackward0" in _graph_ops(y)  # the rewrite ran (the stock layer has no slice)
+    assert "_SubsampleBackward" in _graph_ops(y)  # the rewrite ran (the stock layer has none)
     for ours, ref in ((y.double(), ry), (dw, rw), (dx, rx)):
         assert ((ours - ref).norm() / ref.norm()).item() < 1e-2  # bf16 output rounding: ~3e-3
     assert rx.abs().sum() > 0 and (rx == 0).any()  # only the strided positions get a gradient
     assert torch.equal(dx != 0, rx != 0)
     assert conv.bias.grad is not None and conv.bias.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("shape", "fmt"),
+    [
+        ((2, 8, 3, 5, 6), torch.channels_last_3d),
+        ((2, 8, 3, 5, 6), torch.contiguous_format),
+        ((2, 8, 5, 6), torch.channels_last),
+    ],
+)
+def test_subsample_gradient_keeps_the_input_memory_format(shape, fmt) -> None:
+    """The sub-sampling's gradient is x[..., ::s, ::s]'s (zero off the grid) and has x's memory
+    format: a channels-last network gets channels-last gradients (a plain slice gives contiguous
+    ones, and downstream layout conversions were 5× slower)."""
+    from nlnet.models.conv import subsample
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    stride = (1, 2, 2)[-len(shape) + 2 :] if len(shape) == 5 else (2, 3)
+    index = (..., *(slice(None, None, s) for s in stride))
+    y = subsample(x, stride)
+    assert torch.equal(y, x[index])
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (ref,) = torch.autograd.grad(x[index], x, dy)
+    assert torch.equal(dx, ref) and (dx != 0).sum() == dy.numel()
+    assert dx.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(lambda t: subsample(t, stride), (x[:1, :2],))
 
 
 def test_padded_or_unstrided_pointwise_convolutions_are_not_rewritten() -> None:
