@@ -463,6 +463,7 @@ def _model_pair(name: str, frames: int, size: int, mode: str) -> tuple[Any, Any,
     plain = create_model(name, backend="explicit")
     plain.load_state_dict(default.state_dict())
     plain.fast_inference = False
+    plain.lean_training = False  # the plain autograd graph: every activation kept
     train = mode.startswith("train")
     default.train(train)
     plain.train(train)

@@ -41,7 +41,9 @@ from torch import Tensor, nn
 from nlnet import fuse
 from nlnet.block import NonLocalBlock, find_nonlocal_blocks
 from nlnet.models.conv import Conv3d
+from nlnet.ops.fast import is_tracing
 from nlnet.ops.pooling import max_pool
+from nlnet.ops.recompute import batch_norm_relu, lean_region
 
 Triple = tuple[int, int, int]
 PoolSpec = tuple[Triple, Triple, Triple]  # (kernel, stride, padding)
@@ -137,7 +139,7 @@ class Stem(nn.Module):
         self.pool = None if pool is None else nn.MaxPool3d(pool[0], pool[1], pool[2])
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn(self.conv(x)))
+        x = batch_norm_relu(self.bn, self.conv(x))
         return x if self.pool is None else _checked_pool(self.pool, x, "pool1")
 
     def fast_forward(self, x: Tensor) -> Tensor:
@@ -225,8 +227,8 @@ class Bottleneck(_Residual):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.bn_a(self.conv_a(x)))
-        y = F.relu(self.bn_b(self.conv_b(y)))
+        y = batch_norm_relu(self.bn_a, self.conv_a(x))
+        y = batch_norm_relu(self.bn_b, self.conv_b(y))
         y = self.bn_c(self.conv_c(y))
         return F.relu(y + self._shortcut(x))
 
@@ -273,7 +275,7 @@ class BasicBlock(_Residual):
         self.out_channels = width
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.bn_a(self.conv_a(x)))
+        y = batch_norm_relu(self.bn_a, self.conv_a(x))
         y = self.bn_b(self.conv_b(y))
         return F.relu(y + self._shortcut(x))
 
@@ -609,6 +611,21 @@ class VideoResNet(nn.Module):
         for block in find_nonlocal_blocks(self).values():
             block.fast_inference = bool(value)
 
+    @property
+    def lean_training(self) -> bool:
+        """Training forward that keeps less for the backward (:mod:`nlnet.ops.recompute`).
+
+        On by default: BN+ReLU outputs are recomputed from the BN input, max-pools keep no
+        argmax and, under autocast, convolutions keep no half-precision weight copy.  Same
+        values and gradients; ``False`` gives the plain autograd graph (needed for a double
+        backward).
+        """
+        return self.__dict__.get("_lean_training", True)
+
+    @lean_training.setter
+    def lean_training(self, value: bool) -> None:
+        self.__dict__["_lean_training"] = bool(value)
+
     def stages(self) -> list[ResStage]:
         return [getattr(self, n) for n in self.stage_names]
 
@@ -636,13 +653,15 @@ class VideoResNet(nn.Module):
                 f"VideoResNet expects (B, C, T, H, W) clips, got shape {tuple(x.shape)}"
             )
         fast = fuse.enabled(self, x)  # eval, autograd off: BN folded, channels-last (nlnet.fuse)
-        x = self.stem.fast_forward(x) if fast else self.stem(x)
-        for i, name in enumerate(self.stage_names):
-            stage = getattr(self, name)
-            x = stage.fast_forward(x) if fast else stage(x)
-            if i == 0 and self.pool2 is not None:
-                x = _checked_pool(self.pool2, x, "pool2")
-        return self.head(x)
+        lean = self.lean_training and self.training and torch.is_grad_enabled()
+        with lean_region(lean and not is_tracing()):
+            x = self.stem.fast_forward(x) if fast else self.stem(x)
+            for i, name in enumerate(self.stage_names):
+                stage = getattr(self, name)
+                x = stage.fast_forward(x) if fast else stage(x)
+                if i == 0 and self.pool2 is not None:
+                    x = _checked_pool(self.pool2, x, "pool2")
+            return self.head(x)
 
 
 def _checked_pool(pool: nn.MaxPool3d, x: Tensor, name: str) -> Tensor:

@@ -14,13 +14,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nlnet.ops.recompute import lean_max_pool
+
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def max_pool(pool: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """``pool(x, *args, **kwargs)`` (a max-pool module or function) with autocast off."""
+    """``pool(x, *args, **kwargs)`` (a max-pool module or function) with autocast off.
+
+    In a lean training region (:mod:`nlnet.ops.recompute`) the pool keeps no argmax.
+    """
     kind = x.device.type
     if kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind):
         with torch.autocast(kind, enabled=False):
-            return pool(x, *args, **kwargs)
-    return pool(x, *args, **kwargs)
+            return lean_max_pool(pool, x, *args, **kwargs)
+    return lean_max_pool(pool, x, *args, **kwargs)
