@@ -327,6 +327,19 @@ def test_model_bench_compares_default_with_plain_and_judges_targets() -> None:
     rows[0]["rel_err"] = 1e-3  # outputs must agree
     assert not model_target_report(rows)[1]
     assert "| 32×224² | eval | 1.000 | 0.500 | 0.500 |" in model_markdown(rows, 224)
+    rows[0]["rel_err"] = 1e-7
+    rows[2].update(
+        default_mib=650.0, plain_mib=1000.0, default_live_mib=500.0, plain_live_mib=700.0
+    )
+    report, ok = model_target_report(rows)
+    assert not ok  # memory is judged on the live heap: 0.714 > 0.6
+    assert "memory (live heap): default/plain = 0.714 (target ≤ 0.6) — MISSED" in report
+    assert "peak RSS: default/plain = 0.650 (reported, not judged" in report
+    rows[2]["default_live_mib"] = 400.0
+    assert model_target_report(rows)[1]
+    rows[2].update(default_live_mib=None, plain_live_mib=None)  # no mallinfo2: peak RSS judged
+    report, ok = model_target_report(rows)
+    assert not ok and "memory (peak RSS): default/plain = 0.650 (target ≤ 0.6) — MISSED" in report
 
 
 def test_train_mode_frees_the_folded_weights() -> None:

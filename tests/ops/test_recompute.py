@@ -18,6 +18,28 @@ from nlnet.ops.pooling import max_pool
 from nlnet.ops.recompute import batch_norm_relu, lean_max_pool, lean_region
 
 
+@pytest.fixture(autouse=True)
+def _lean_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests use small tensors; below ``MIN_BYTES`` nothing would be recomputed."""
+    monkeypatch.setattr(recompute, "MIN_BYTES", 0)
+
+
+def test_activations_under_min_bytes_are_kept_as_usual(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recompute, "MIN_BYTES", 1 << 20)
+    gen = torch.Generator().manual_seed(9)
+    bn = _bn(4, gen)
+    small = torch.randn(1, 4, 2, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    big = torch.randn(1, 4, 8, 64, 64, generator=gen, dtype=torch.float64, requires_grad=True)
+    with lean_region():
+        assert type(batch_norm_relu(bn, small).grad_fn).__name__ == "ReluBackward0"
+        assert type(batch_norm_relu(bn, big).grad_fn).__name__ == "_BatchNormReLUBackward"
+        pooled = lean_max_pool(F.max_pool3d, small, kernel_size=2)
+        assert type(pooled.grad_fn).__name__ != "_MaxPoolBackward"
+        assert type(lean_max_pool(F.max_pool3d, big, kernel_size=2).grad_fn).__name__ == (
+            "_MaxPoolBackward"
+        )
+
+
 def _bn(channels: int, gen: torch.Generator, dtype=torch.float64) -> nn.BatchNorm3d:
     bn = nn.BatchNorm3d(channels, momentum=0.3).to(dtype)
     with torch.no_grad():

@@ -5,6 +5,8 @@ backward) and the ReLU output (for the ReLU mask and the next convolution's weig
 and max-pools keep an int64 index per output element.  Inside :func:`lean_region` (entered by
 :class:`~nlnet.models.resnet.VideoResNet`'s training forward):
 
+Activations under :data:`MIN_BYTES` are kept as usual.
+
 * :func:`batch_norm_relu` keeps only the BN input and the batch statistics; its output (the next
   layer's input) is recomputed in the backward by one elementwise pass, ``relu(y·s + t)`` with
   ``s = γ/σ_B``, ``t = β − μ_B·s`` (the formula PyTorch's CPU batch-norm kernel evaluates, so the
@@ -34,6 +36,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 _local = threading.local()
+
+MIN_BYTES = 1 << 20
+"""Smaller activations are kept as usual: recomputing them saves little memory and costs a few
+more kernel launches (each a thread barrier, which is what slows a step when another process
+competes for the cores).  In an I3D-R50 at 32×224² this leaves the stem, ``res2`` and the
+first ``res3`` block lean: the activations alive at the training step's memory peak."""
 
 
 class Recipe:
@@ -172,6 +180,7 @@ def _lean_bn(bn: nn.Module, y: Tensor) -> bool:
         and not (bn._forward_hooks or bn._forward_pre_hooks)
         and torch.is_grad_enabled()
         and y.dim() >= 2
+        and y.numel() * y.element_size() >= MIN_BYTES
     )
 
 
@@ -241,7 +250,8 @@ class _MaxPool(torch.autograd.Function):
 def lean_max_pool(pool: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     """``pool(x, *args, **kwargs)`` (a max-pool module or function); in a lean region, with
     gradients, a 2-D/3-D max-pool keeps its input instead of the argmax."""
-    if active() and torch.is_grad_enabled() and x.requires_grad:
+    big = x.numel() * x.element_size() >= MIN_BYTES
+    if big and active() and torch.is_grad_enabled() and x.requires_grad:
         spec = _pool_spec(pool, args, kwargs, x.dim() - 2)
         if spec is not None:
             return _MaxPool.apply(x, spec)
