@@ -326,7 +326,7 @@ def test_model_bench_compares_default_with_plain_and_judges_targets() -> None:
     assert model_target_report(rows)[1]
     rows[0]["rel_err"] = 1e-3  # outputs must agree
     assert not model_target_report(rows)[1]
-    assert "| 32×224² | eval | 1.000 | 0.500 | 0.500 |" in model_markdown(rows, 224)
+    assert "| 32×224² | eval | ?/? | 1.000 | 0.500 | 0.500 |" in model_markdown(rows, 224)
     rows[0]["rel_err"] = 1e-7
     rows[2].update(
         default_mib=650.0, plain_mib=1000.0, default_live_mib=500.0, plain_live_mib=700.0

@@ -535,6 +535,8 @@ def compare_model_times(
     """
     import torch
 
+    from nlnet.engine.threads import choose_threads
+
     default, plain, x = _model_pair(name, frames, size, mode)
     now = time.process_time if clock == "cpu" else time.perf_counter
     steps = _steps(mode)
@@ -542,13 +544,21 @@ def compare_model_times(
     a, b = steps[0](default, x), steps[1](plain, x)
     if not mode.startswith("train"):
         out["rel_err"] = float((a.float() - b).norm() / b.norm())
+    cores = torch.get_num_threads()
+    threads = [cores, cores]
+    if mode == "train" and cores > 1 and clock == "wall":  # as nlnet train does (train.threads)
+        threads[0] = choose_threads(lambda: steps[0](default, x), [cores, 1], repeats=2).threads
     best = [float("inf"), float("inf")]
-    for _ in range(repeats):
-        for i, model in enumerate((default, plain)):
-            t0 = now()
-            steps[i](model, x)
-            best[i] = min(best[i], now() - t0)
-    out.update(default_s=best[0], plain_s=best[1], threads=torch.get_num_threads())
+    try:
+        for _ in range(repeats):
+            for i, model in enumerate((default, plain)):
+                torch.set_num_threads(threads[i])
+                t0 = now()
+                steps[i](model, x)
+                best[i] = min(best[i], now() - t0)
+    finally:
+        torch.set_num_threads(cores)
+    out.update(default_s=best[0], plain_s=best[1], threads=cores, default_threads=threads[0])
     return out
 
 
@@ -603,9 +613,9 @@ def model_benchmark(
 
 def model_markdown(rows: list[dict[str, Any]], size: int) -> str:
     lines = [
-        "| frames | pass | plain s | default s | time ratio | plain MiB | default MiB | "
-        "memory ratio | live heap ratio | output rel. error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| frames | pass | threads plain/default | plain s | default s | time ratio | plain MiB | "
+        "default MiB | memory ratio | live heap ratio | output rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     for r in rows:
@@ -615,7 +625,9 @@ def model_markdown(rows: list[dict[str, Any]], size: int) -> str:
         live = _ratio(r.get("default_live_mib"), r.get("plain_live_mib"))
         err = _fmt(r.get("rel_err"), ".1e")
         lines.append(
-            f"| {r['frames']}×{size}² | {r['mode']} | {r['plain_s']:.3f} | {r['default_s']:.3f} | "
+            f"| {r['frames']}×{size}² | {r['mode']} | {r.get('threads', '?')}/"
+            f"{r.get('default_threads', r.get('threads', '?'))} | {r['plain_s']:.3f} | "
+            f"{r['default_s']:.3f} | "
             f"{ratio:.3f} | {_fmt(pm, '.0f')} | {_fmt(dm, '.0f')} | {_fmt(m_ratio, '.3f')} | "
             f"{_fmt(live, '.3f')} | {err} |"
         )
@@ -696,8 +708,9 @@ def run_model(args: argparse.Namespace) -> int:
         "out in that step (glibc mallinfo2, sampled every 0.5 ms: without the freed memory glibc "
         "keeps resident; the judged memory figure, like torch.cuda.max_memory_allocated on a "
         "GPU). default = create_model(name); plain = "
-        "backend='explicit', fast_inference=False (the peers' way). train: the default with "
-        f"nlnet train's defaults here ({amp_note}); train-fp32: both in float32\n"
+        "backend='explicit', fast_inference=False, lean_training=False (the peers' way). train: "
+        f"the default with nlnet train's defaults here ({amp_note}; its thread count measured "
+        "between all cores and 1, as train.threads=0 does); train-fp32: both in float32\n"
     )
     rows = model_benchmark(
         args.model,

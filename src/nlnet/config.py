@@ -144,6 +144,11 @@ class TrainConfig:
     #: channels-last when training in bf16 on a CPU (measured faster), else contiguous.
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     compile: bool = False
+    #: PyTorch CPU threads. 0: measured (CPU, one process, not ``deterministic``): the first
+    #: iterations alternate all cores and 1 thread, the faster median wins, measured again every
+    #: 2000 iterations (another busy process makes 2 threads wait on each other at every kernel:
+    #: 1 thread was 2.5× faster then). n > 0: exactly n threads.
+    threads: int = 0
     #: Convert BatchNorm to SyncBatchNorm under DDP (CUDA only).
     sync_bn: bool = False
     checkpoint_period: int = 10000

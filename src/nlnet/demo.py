@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import shutil
-import statistics
 import string
 import sys
 import time
@@ -44,6 +43,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from nlnet.engine.threads import ThreadChoice, choose_threads
 
 # Models the demo trains: result key -> (recipe file, label in tables and figures).  The
 # non-local model trains first: the others get the iterations it needed.
@@ -121,49 +122,7 @@ def load_recipes(
     }
 
 
-# -- 1. thread choice --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ThreadChoice:
-    """The measured thread choice: the winner and the median seconds per step of each count."""
-
-    threads: int
-    seconds_per_step: dict[int, float]
-
-
-def choose_threads(
-    step: Callable[[], None],
-    candidates: Sequence[int],
-    *,
-    repeats: int = 3,
-    clock: Callable[[], float] = time.perf_counter,
-) -> ThreadChoice:
-    """Time ``step`` under each thread count in ``candidates`` and keep the fastest.
-
-    One warm-up step, then ``repeats`` rounds that alternate the counts (so a load that starts
-    or stops during the measurement hits all of them alike); each count's time is its median
-    step.  A count whose step took over 3× the best median so far is not timed again (two
-    threads fighting a busy core can be 10× slower; no need to confirm that three times).
-    Ties go to the earlier candidate.  Leaves PyTorch at the chosen count.
-    """
-    counts = list(dict.fromkeys(candidates))
-    if not counts or any(not isinstance(n, int) or n < 1 for n in counts):
-        raise ValueError(f"candidates must be positive thread counts, got {list(candidates)}")
-    times: dict[int, list[float]] = {n: [] for n in counts}
-    torch.set_num_threads(counts[0])
-    step()  # warm-up: first-call allocations and kernel selection
-    for _ in range(repeats):
-        for n in counts:
-            done = [statistics.median(t) for t in times.values() if t]
-            if times[n] and times[n][-1] > 3 * min(done):
-                continue  # clearly slower: keep its samples, spend no more time on it
-            torch.set_num_threads(n)
-            start = clock()
-            step()
-            times[n].append(clock() - start)
-    per_step = {n: statistics.median(t) for n, t in times.items()}
-    best = min(counts, key=lambda n: per_step[n])
-    torch.set_num_threads(best)
-    return ThreadChoice(best, per_step)
+# -- 1. thread choice: nlnet.engine.threads ------------------------------------------------
 
 
 def training_step_fn(cfg: Any) -> Callable[[], None]:
@@ -473,6 +432,8 @@ def run_demo(
         how = "given" if threads is not None else "the only core"
         torch.set_num_threads(choice.threads)
     _say(f"{choice.threads} CPU thread(s) ({how})")
+    for cfg in cfgs.values():
+        cfg.train.threads = choice.threads  # measured once here, not again by each training
 
     runs: dict[str, DemoRun] = {}
     for n, key in enumerate(keys, 1):

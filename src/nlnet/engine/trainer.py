@@ -58,6 +58,7 @@ from nlnet.engine.runtime import (
 )
 from nlnet.engine.samplers import ShardSampler, TrainBatchSampler, derive_seed
 from nlnet.engine.task import Task, build_task
+from nlnet.engine.threads import ThreadChoice, ThreadTuner
 from nlnet.io import atomic_save, atomic_write_text
 from nlnet.models.conv import guard_convolutions
 
@@ -93,6 +94,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, task: Task | None = None) -> None:
         self.cfg = cfg
+        if cfg.train.threads < 0:
+            raise ConfigError(
+                f"train.threads must be 0 (measured) or a thread count, got {cfg.train.threads}"
+            )
         self._flags = global_flags()
         try:
             self.device, self.rank, self.world = setup(cfg)
@@ -119,6 +124,17 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     # -- set-up -------------------------------------------------------------------------------
+    def _thread_tuner(self) -> ThreadTuner | None:
+        """``train.threads``: a fixed count is set here; 0 measures (see the config key)."""
+        n = self.cfg.train.threads
+        if n > 0:
+            torch.set_num_threads(n)
+            return None
+        cores = torch.get_num_threads()
+        if self.device.type != "cpu" or self.world > 1 or cores < 2 or self.cfg.train.deterministic:
+            return None  # deterministic: a timing-dependent thread count could change the bits
+        return ThreadTuner([cores, 1])
+
     def _prepare(self) -> None:
         cfg = self.cfg
         self._resumed_stop: dict[str, Any] | None = None
@@ -367,10 +383,15 @@ class Trainer:
         self._train_mode()
         window = _LogWindow(self.iteration)
         self._last_good = latest_checkpoint(self.out)
+        threads, tuner = torch.get_num_threads(), self._thread_tuner()
         try:
             while self.iteration < self.schedule.max_iter:
                 lr = self._step_lr()
-                stop = self._optimizer_step(data, lr, window)
+                choice = tuner.choice if tuner is not None else None
+                with tuner.iteration() if tuner is not None else nullcontext():
+                    stop = self._optimizer_step(data, lr, window)
+                if tuner is not None and tuner.choice is not choice:
+                    self._log_threads(tuner.choice)
                 self.iteration += 1
                 if bar is not None:
                     bar.update(1)
@@ -379,6 +400,7 @@ class Trainer:
                 if finished:
                     break
         finally:
+            torch.set_num_threads(threads)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             if bar is not None:
@@ -386,6 +408,11 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
         return last_eval
+
+    def _log_threads(self, choice: ThreadChoice | None) -> None:
+        if choice is not None and dist.is_main():
+            times = ", ".join(f"{n}: {t:.3g} s" for n, t in choice.seconds_per_step.items())
+            _log(f"CPU threads: {choice.threads} (measured per iteration: {times})")
 
     # -- the steps of one iteration ---------------------------------------------------------
     def _announce(self) -> None:
