@@ -396,10 +396,20 @@ def test_reference_is_sensitive():
     assert math.isfinite(float(z.detach().sum()))
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # nlnet train may pick 1 (train.threads=0)
 @pytest.mark.parametrize("dim", [2, 3])
-def test_output_keeps_the_input_memory_layout(dim: int) -> None:
+def test_output_keeps_the_input_memory_layout(dim: int, threads: int) -> None:
     # The layers after the block must see the layout they would see without it: otherwise they
     # pick other kernels and a block at identity no longer reproduces the network bit for bit.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_output_layout(dim)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_output_layout(dim: int) -> None:
     torch.manual_seed(0)
     block = NonLocalBlock(8, dim=dim, zero_init=False, init_std=0.5).eval()
     shape = (2, 8, 6, 6) if dim == 2 else (2, 8, 2, 6, 6)

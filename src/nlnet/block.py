@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from nlnet import fuse
 from nlnet.geometry import EXTENTS, attention_problems
 from nlnet.ops import PAIRWISE_FUNCTIONS, check_choice, nonlocal_attention
+from nlnet.ops.layout import memory_format
 from nlnet.ops.pooling import max_pool
 
 NORMS: tuple[str | None, ...] = ("batch", None)
@@ -390,21 +391,15 @@ class NonLocalBlock(nn.Module):
         # The attention layout leaves y channels-last in memory; give z the input's layout, so the
         # layers after the block run the same kernels as without it (a block at identity then
         # reproduces the network without it bit for bit).
-        layout = _memory_format(x)
+        layout = memory_format(x)
         y = y.contiguous(memory_format=layout)
         bn = self.bn if self.norm == "batch" else None
         if fast:
             return fuse.conv_bn(self.out, bn, y, residual=x).contiguous(memory_format=layout)
         wz = self.out(y)
-        return (wz if bn is None else bn(wz)) + x
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """channels-last(-3d) when x is laid out so (and not also contiguous), else contiguous."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
-        return fmt
-    return torch.contiguous_format
+        # x first: the sum takes x's layout even where the convolution returned another one
+        # (PyTorch's one-thread float32 convolution gives contiguous outputs)
+        return x + (wz if bn is None else bn(wz))
 
 
 def _to5d_kernel(kernel: tuple[int, ...] | None, dim: int) -> tuple[int, int, int]:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nlnet.ops.layout import memory_format
+
 
 def kernel_exceeds_input(kernel: tuple[int, ...], x: Tensor) -> bool:
     """Whether the kernel is longer than the (unpadded) input along some spatio-temporal axis."""
@@ -39,14 +41,6 @@ def strided_pointwise(kernel: tuple[int, ...], stride: tuple[int, ...], padding:
     return all(k == 1 for k in kernel) and any(s > 1 for s in stride) and unpadded
 
 
-def _dense_format(x: Tensor) -> torch.memory_format:
-    """x's memory format when it is dense (channels-last or contiguous), else contiguous."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
-        return fmt
-    return torch.contiguous_format
-
-
 class _Subsample(torch.autograd.Function):
     """``x[..., ::s₁, ::s₂(, ::s₃)]`` whose gradient has x's memory format.
 
@@ -58,7 +52,7 @@ class _Subsample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, stride: tuple[int, ...]) -> Tensor:  # type: ignore[override]
         ctx.index = (..., *(slice(None, None, s) for s in stride))
-        ctx.like = (x.shape, x.dtype, x.device, _dense_format(x))
+        ctx.like = (x.shape, x.dtype, x.device, memory_format(x))
         return x[ctx.index]
 
     @staticmethod
