@@ -50,23 +50,12 @@ def choose_threads(
     threads fighting a busy core can be 10× slower; no need to confirm that three times).
     Ties go to the earlier candidate.  Leaves PyTorch at the chosen count.
     """
-    counts = _counts(candidates)
-    times: dict[int, list[float]] = {n: [] for n in counts}
-    torch.set_num_threads(counts[0])
-    step()  # warm-up: first-call allocations and kernel selection
-    for _ in range(repeats):
-        for n in counts:
-            done = [statistics.median(t) for t in times.values() if t]
-            if times[n] and times[n][-1] > 3 * min(done):
-                continue  # clearly slower: keep its samples, spend no more time on it
-            torch.set_num_threads(n)
-            start = clock()
+    tuner = ThreadTuner(candidates, repeats=repeats, clock=clock)
+    torch.set_num_threads(tuner.counts[0])  # the warm-up's count
+    while tuner.choice is None:
+        with tuner.iteration():
             step()
-            times[n].append(clock() - start)
-    per_step = {n: statistics.median(t) for n, t in times.items()}
-    best = min(counts, key=lambda n: per_step[n])
-    torch.set_num_threads(best)
-    return ThreadChoice(best, per_step)
+    return tuner.choice
 
 
 class ThreadTuner:
