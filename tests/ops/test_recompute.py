@@ -177,20 +177,34 @@ def test_single_value_per_channel_is_rejected_like_batch_norm() -> None:
         batch_norm_relu(bn, torch.randn(1, 3, 1, 1, 1, dtype=torch.float64, requires_grad=True))
 
 
-def _step(model: nn.Module, x: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, dict]:
+def _node_names(y: torch.Tensor) -> list[str]:
+    """The autograd nodes ``y`` was computed through (each node once)."""
+    seen, stack, names = set(), [y.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            names.append(type(node).__name__)
+            stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def _step(model: nn.Module, x: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, dict, list[str]]:
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         y = model(x)
+    nodes = _node_names(y)
     w = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape)
     (y.double() * w).sum().backward()
-    return y.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), grads, nodes
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["float64", "bf16-autocast"])
 def test_video_resnet_lean_training_equals_the_plain_graph(bf16: bool) -> None:
     """A whole I3D-NL training step, lean (the default) and plain: the same logits, every
     parameter's gradient and BN statistics (float64; and bf16 autocast on channels-last, the
-    CPU training default), and the lean graph keeps less."""
+    CPU training default), and the lean graph has the lean nodes, the plain one none."""
     torch.manual_seed(0)
     dtype = torch.float32 if bf16 else torch.float64
     lean = create_model("i3d_r50_nl5", num_classes=7, dropout=0.0, variant="speed").to(dtype)
@@ -200,8 +214,12 @@ def test_video_resnet_lean_training_equals_the_plain_graph(bf16: bool) -> None:
     plain.lean_training = False
     assert lean.lean_training and not plain.lean_training
     x = torch.randn(2, 3, 4, 48, 48, dtype=dtype)
-    (y1, g1), (y2, g2) = _step(lean.train(), x, bf16), _step(plain.train(), x, bf16)
+    (y1, g1, n1), (y2, g2, n2) = _step(lean.train(), x, bf16), _step(plain.train(), x, bf16)
     assert torch.equal(y1, y2) and set(g1) == set(g2) and len(g1) > 100
+    # the lean graph: every backbone BN+ReLU and max-pool without its output / argmax
+    bn_relu = n1.count("_BatchNormReLUBackward")
+    assert bn_relu == 1 + 2 * 16 and n1.count("_MaxPoolBackward") >= 2  # stem + 2 per block
+    assert "_BatchNormReLUBackward" not in n2 and "_MaxPoolBackward" not in n2
     for name in g2:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-6, atol=1e-9, msg=name)
     assert sum(g.abs().sum() for g in g2.values()) > 0

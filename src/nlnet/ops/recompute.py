@@ -3,14 +3,13 @@
 A ResNet's training step keeps, for every conv → BN → ReLU → conv, both the BN input (for BN's
 backward) and the ReLU output (for the ReLU mask and the next convolution's weight gradient);
 and max-pools keep an int64 index per output element.  Inside :func:`lean_region` (entered by
-:class:`~nlnet.models.resnet.VideoResNet`'s training forward):
-
-Activations under :data:`MIN_BYTES` are kept as usual.
+:class:`~nlnet.models.resnet.VideoResNet`'s training forward), for activations of at least
+:data:`MIN_BYTES` (smaller ones are kept as usual):
 
 * :func:`batch_norm_relu` keeps only the BN input and the batch statistics; its output (the next
-  layer's input) is recomputed in the backward by one elementwise pass, ``relu(y·s + t)`` with
-  ``s = γ/σ_B``, ``t = β − μ_B·s`` (the formula PyTorch's CPU batch-norm kernel evaluates, so the
-  recomputed values are the forward's, bit for bit, on CPU);
+  layer's input) is recomputed in the backward, ``relu(y·s + t)`` with ``s = γ/σ_B``,
+  ``t = β − μ_B·s``, by PyTorch's own BN kernel in inference mode (:func:`_bn_relu`): the
+  forward's values bit for bit in bfloat16 on CPU, at most one float32 rounding apart otherwise;
 * :func:`lean_max_pool` keeps its input (usually kept anyway, or itself recomputable) and finds
   the argmax again in the backward.
 
@@ -52,7 +51,7 @@ class Recipe:
     Asking again later (``retain_graph=True`` and a second backward) recomputes it.
     """
 
-    __slots__ = ("__weakref__", "_args", "_fn", "_value", "users")
+    __slots__ = ("_args", "_fn", "_value", "users")
 
     def __init__(self, fn: Callable[..., Tensor], *args: Any, users: int = 0) -> None:
         self._fn, self._args, self._value, self.users = fn, args, None, users
@@ -122,8 +121,8 @@ def _bn_relu(y: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tens
 
     It runs as an inference BN with mean 0, variance 1 and eps 0 (so that the kernel's own
     scale 1/√(1 + 0) = 1 leaves s and t exact): the CPU kernel then evaluates y·s + t exactly
-    as the training kernel did, bit for bit in bfloat16, and a few times faster than the same
-    formula through broadcasting ops.
+    as the training kernel did (bit for bit in bfloat16; in float32 some shapes differ by one
+    rounding), and a few times faster than the same formula through broadcasting ops.
     """
     scale = invstd * weight.to(invstd.dtype)
     shift = bias.to(invstd.dtype) - mean * scale
