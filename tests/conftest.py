@@ -19,6 +19,15 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_restored() -> Iterator[None]:
+    """Every test starts with the session's thread count: in-process ``nlnet demo``/``nlnet
+    train`` runs set their measured count, which changed later tests' kernels (and layouts)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(0)

@@ -30,14 +30,6 @@ class _FakeSteps:
                 self.now += self.cost[n]
 
 
-@pytest.fixture
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.mark.usefixtures("_restore_threads")
 def test_tuner_picks_the_faster_count_from_real_iterations_and_measures_again() -> None:
     """Busy machine (2 threads 2.5× slower): 1 thread after one warm-up and a few iterations,
     the slow count not timed again; when the load goes away the recheck moves back to 2."""
@@ -61,7 +53,6 @@ def test_tuner_picks_the_faster_count_from_real_iterations_and_measures_again() 
     assert tuner.choice.threads == 2 and torch.get_num_threads() == 2
 
 
-@pytest.mark.usefixtures("_restore_threads")
 def test_tuner_skips_a_count_that_is_clearly_slower() -> None:
     torch.set_num_threads(2)
     steps = _FakeSteps({1: 0.1, 2: 1.0})
@@ -73,7 +64,6 @@ def test_tuner_skips_a_count_that_is_clearly_slower() -> None:
         ThreadTuner([0, 2])
 
 
-@pytest.mark.usefixtures("_restore_threads")
 def test_train_measures_threads_unless_given_and_restores_the_count(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
