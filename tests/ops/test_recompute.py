@@ -171,6 +171,35 @@ def test_outside_a_region_everything_is_plain() -> None:
     assert not recompute.active()
 
 
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_global_and_backward_hooks_still_fire(kind: str) -> None:
+    """A global module hook (or a backward hook on the BN) sees every BN of a lean region:
+    such a BN runs as the plain module."""
+    gen = torch.Generator().manual_seed(6)
+    bn = _bn(2, gen)
+    y = torch.randn(1, 2, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    seen: list[nn.Module] = []
+    register = {
+        "forward": lambda: nn.modules.module.register_module_forward_hook(
+            lambda m, *a: seen.append(m)
+        ),
+        "forward_pre": lambda: nn.modules.module.register_module_forward_pre_hook(
+            lambda m, *a: seen.append(m)
+        ),
+        "full_backward": lambda: bn.register_full_backward_hook(lambda m, *a: seen.append(m)),
+    }[kind]
+    handle = register()
+    try:
+        with lean_region():
+            z = batch_norm_relu(bn, y)
+        z.sum().backward()
+    finally:
+        handle.remove()
+    assert seen and seen[0] is bn
+    with lean_region():  # with the hook gone the BN is lean again
+        assert type(batch_norm_relu(bn, y).grad_fn).__name__ == "_BatchNormReLUBackward"
+
+
 def test_single_value_per_channel_is_rejected_like_batch_norm() -> None:
     bn = _bn(3, torch.Generator().manual_seed(5))
     with lean_region(), pytest.raises(ValueError, match="more than 1 value per channel"):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module
 
 _local = threading.local()
 
@@ -167,6 +168,22 @@ class _BatchNormReLU(torch.autograd.Function):
         return gy, gw, gb, None, None, None, None
 
 
+def _hooked(bn: nn.Module) -> bool:
+    """Whether calling ``bn`` would run hooks: its own, or global ones
+    (``nn.modules.module.register_module_forward_hook`` and friends).  Such a BN runs as the
+    plain module, so that every hook still fires."""
+    own = (bn._forward_hooks, bn._forward_pre_hooks, bn._backward_hooks, bn._backward_pre_hooks)
+    return any(own) or any(
+        getattr(_module, name, None)
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    )
+
+
 def _lean_bn(bn: nn.Module, y: Tensor) -> bool:
     """Whether ``bn`` is a plain training BN that :class:`_BatchNormReLU` reproduces exactly."""
     return (
@@ -176,7 +193,7 @@ def _lean_bn(bn: nn.Module, y: Tensor) -> bool:
         and bn.affine
         and bn.track_running_stats
         and bn.momentum is not None
-        and not (bn._forward_hooks or bn._forward_pre_hooks)
+        and not _hooked(bn)
         and torch.is_grad_enabled()
         and y.dim() >= 2
         and y.numel() * y.element_size() >= MIN_BYTES
