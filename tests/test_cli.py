@@ -1,4 +1,5 @@
-"""The ``nlnet`` command's process defaults: OpenMP threads spin less at barriers."""
+"""The ``nlnet`` command's process defaults: OpenMP threads spin less at barriers; PyTorch's
+large CPU allocations use transparent huge pages."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ _PROBE = (
     "import os, sys\n"
     "if sys.argv[1] == 'torch-first':\n"
     "    import torch\n"
-    "from nlnet.cli import openmp_defaults\n"
+    "from nlnet.cli import huge_page_defaults, openmp_defaults\n"
     "print(openmp_defaults(), os.environ.get('GOMP_SPINCOUNT'))\n"
+    "print(huge_page_defaults(), os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
 )
 
 
 def _probe(mode: str, **env: str) -> str:
-    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    names = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
+    base = {k: v for k, v in os.environ.items() if k not in names}
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, mode],
         env={**base, **env},
@@ -29,7 +32,7 @@ def _probe(mode: str, **env: str) -> str:
         timeout=120,
         check=True,
     )
-    return out.stdout.strip()
+    return out.stdout.strip().splitlines()
 
 
 @pytest.mark.parametrize(
@@ -44,11 +47,30 @@ def _probe(mode: str, **env: str) -> str:
 def test_openmp_defaults_set_the_spin_count_only_before_torch_and_the_user(
     mode, env, expected
 ) -> None:
-    assert _probe(mode, **env) == expected
+    assert _probe(mode, **env)[0] == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "env", "expected"),
+    [
+        ("plain", {}, "True 1"),
+        ("plain", {"THP_MEM_ALLOC_ENABLE": "0"}, "False 0"),  # the user's choice wins
+        ("torch-first", {}, "False None"),  # too late: PyTorch may have read it already
+    ],
+)
+def test_huge_page_defaults_only_before_torch_and_the_user(mode, env, expected) -> None:
+    assert _probe(mode, **env)[1] == expected
+
+
+def test_the_cli_names_the_variable_the_memory_policy_reads() -> None:
+    from nlnet.engine import memory
+
+    assert nlnet.cli.THP_ENV == memory.THP_ENV
 
 
 def test_main_applies_the_openmp_defaults_first(monkeypatch, capsys) -> None:
-    calls: list[bool] = []
-    monkeypatch.setattr(nlnet.cli, "openmp_defaults", lambda: calls.append(True) or False)
+    calls: list[str] = []
+    monkeypatch.setattr(nlnet.cli, "openmp_defaults", lambda: calls.append("omp") or False)
+    monkeypatch.setattr(nlnet.cli, "huge_page_defaults", lambda: calls.append("thp") or False)
     assert nlnet.cli.main([]) == 0
-    assert calls == [True] and "usage: nlnet" in capsys.readouterr().out
+    assert calls == ["omp", "thp"] and "usage: nlnet" in capsys.readouterr().out

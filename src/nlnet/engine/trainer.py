@@ -17,7 +17,7 @@ import json
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from nlnet.engine.checkpoint import (
     unwrap,
     weights_metadata,
 )
+from nlnet.engine.memory import MemoryPolicy, release_freed_memory
 from nlnet.engine.optim import (
     BatchPlan,
     build_optimizer,
@@ -384,7 +385,10 @@ class Trainer:
         window = _LogWindow(self.iteration)
         self._last_good = latest_checkpoint(self.out)
         threads, tuner = torch.get_num_threads(), self._thread_tuner()
+        release = self.cfg.train.release_memory and self.device.type == "cpu"
+        memory = ExitStack()  # the allocator setting holds for the loop only
         try:
+            self._log_memory(memory.enter_context(release_freed_memory(release)))
             while self.iteration < self.schedule.max_iter:
                 lr = self._step_lr()
                 choice = tuner.choice if tuner is not None else None
@@ -400,6 +404,7 @@ class Trainer:
                 if finished:
                     break
         finally:
+            memory.close()
             torch.set_num_threads(threads)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -408,6 +413,10 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
         return last_eval
+
+    def _log_memory(self, policy: MemoryPolicy) -> None:
+        if self.device.type == "cpu" and dist.is_main():
+            _log(f"CPU memory: {'released' if policy.applied else 'kept'} ({policy.reason})")
 
     def _log_threads(self, choice: ThreadChoice | None) -> None:
         if choice is not None and dist.is_main():
