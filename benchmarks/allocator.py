@@ -36,7 +36,7 @@ def main() -> int:
     from nlnet import benchmark
     from nlnet.engine import memory
 
-    libc = memory._libc()
+    libc = memory.glibc()
     if libc is None:
         print("needs glibc on Linux", file=sys.stderr)
         return 2

@@ -95,9 +95,10 @@ class _MallInfo2(ctypes.Structure):
 def _heap_in_use() -> Callable[[], int] | None:
     """Bytes glibc's malloc has handed out and not got back (``mallinfo2``: in-use heap chunks +
     mapped blocks), or None where there is no ``mallinfo2`` (not glibc, or glibc < 2.33)."""
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
+    from nlnet.engine.memory import glibc
+
+    fn = getattr(glibc(), "mallinfo2", None)
+    if fn is None:
         return None
     fn.restype = _MallInfo2
 
@@ -495,14 +496,13 @@ def _train_step(model: Any, x: Any, amp: str = "none") -> None:
     y.float().logsumexp(1).sum().backward()
 
 
-def _default_train_step(model: Any, x: Any, amp: str = "none") -> None:
+def _default_train_step(model: Any, x: Any, amp: str = "none", release: bool = True) -> None:
     """:func:`_train_step` with ``nlnet train``'s CPU memory policy (``train.release_memory``:
     freed blocks of 4 MiB and more go back to the system where PyTorch uses huge pages); glibc's
     thresholds are left at their dynamic ceiling afterwards, for the plain network's step."""
-    from nlnet.config import Config
     from nlnet.engine.memory import release_freed_memory
 
-    with release_freed_memory(Config().train.release_memory):
+    with release_freed_memory(release):
         _train_step(model, x, amp)
 
 
@@ -527,10 +527,12 @@ def _steps(mode: str) -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], A
     float32 network; ``train-fp32``: both float32 (only the NL backend differs); ``eval-bf16``:
     the default under bf16 autocast against the plain float32 network; ``eval``: both float32.
     """
-    if mode == "train":
-        return partial(_default_train_step, amp=_training_defaults()[0]), _train_step
-    if mode == "train-fp32":
-        return _default_train_step, _train_step
+    if mode.startswith("train"):
+        from nlnet.config import Config
+
+        amp = _training_defaults()[0] if mode == "train" else "none"
+        release = Config().train.release_memory  # resolved here, not in the timed step
+        return partial(_default_train_step, amp=amp, release=release), _train_step
     if mode == "eval-bf16":
         return _eval_step_bf16, _eval_step
     return _eval_step, _eval_step

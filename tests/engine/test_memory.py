@@ -30,6 +30,12 @@ class _FakeLibc:
         return self.ok
 
 
+@pytest.fixture(autouse=True)
+def _no_user_malloc_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def _sysfs(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "enabled"
     path.write_text(text + "\n")
@@ -59,8 +65,35 @@ def test_decide_applies_only_with_huge_page_allocations(
     assert policy.applied is applied and reason in policy.reason
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "named"),
+    [
+        ("MALLOC_MMAP_THRESHOLD_", "65536", "MALLOC_MMAP_THRESHOLD_"),
+        ("MALLOC_TRIM_THRESHOLD_", "0", "MALLOC_TRIM_THRESHOLD_"),
+        (
+            "GLIBC_TUNABLES",
+            "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576",
+            "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576",
+        ),
+    ],
+)
+def test_the_users_malloc_settings_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(memory.THP_ENV, "1")
+    monkeypatch.setenv(name, value)
+    libc = _FakeLibc()
+    with release_freed_memory(libc=libc, sysfs=_sysfs(tmp_path, "[always] madvise never")) as p:
+        assert not p.applied and named in p.reason and "chooses glibc's thresholds" in p.reason
+    assert libc.calls == []
+    if name != "GLIBC_TUNABLES":
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # other tunables do not count
+    assert decide(_FakeLibc(), _sysfs(tmp_path, "[always] madvise never")).applied
+
+
 def test_decide_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory, "_libc", lambda: None)
+    monkeypatch.setattr(memory, "glibc", lambda: None)
     assert decide() == MemoryPolicy(False, "not glibc on Linux")
 
 
@@ -126,7 +159,7 @@ _PROBE = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(memory._libc() is None, reason="needs glibc on Linux")
+@pytest.mark.skipif(memory.glibc() is None, reason="needs glibc on Linux")
 def test_freed_blocks_go_back_to_the_system_only_when_released(tmp_path: Path) -> None:
     """A real process: an 8 MiB tensor's memory leaves the RSS when it is freed with the policy
     applied; without it glibc keeps it (the contrast shows the probe can see the difference)."""

@@ -18,6 +18,7 @@ setting only where huge pages are in use.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -63,13 +64,29 @@ def huge_pages_enabled(sysfs: Path | None = None) -> bool:
     return "[never]" not in text and "[" in text
 
 
-def _libc() -> Any | None:
-    """glibc (its ``mallopt`` and ``gnu_get_libc_version``), or None elsewhere."""
+def user_malloc_settings() -> list[str]:
+    """The environment settings by which the user chose glibc's thresholds (they win)."""
+    chosen = [
+        name for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if name in os.environ
+    ]
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    chosen += [
+        f"GLIBC_TUNABLES={item}"
+        for item in tunables.split(":")
+        if item.split("=")[0] in ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
+    ]
+    return chosen
+
+
+@functools.cache
+def glibc() -> Any | None:
+    """glibc (``mallopt``, ``mallinfo2`` where ≥ 2.33) through ctypes, or None elsewhere (musl has
+    ``mallopt`` but ignores these parameters)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (musl has mallopt but ignores these parameters)
+        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
         return libc
     except (OSError, AttributeError):
         return None
@@ -84,9 +101,13 @@ def _set(libc: Any, threshold: int) -> bool:
 
 def decide(libc: Any | None = None, sysfs: Path | None = None) -> MemoryPolicy:
     """Whether the 4 MiB mmap threshold would be applied here, and why (applies nothing)."""
-    libc = _libc() if libc is None else libc
+    libc = glibc() if libc is None else libc
     if libc is None:
         return MemoryPolicy(False, "not glibc on Linux")
+    if chosen := user_malloc_settings():
+        return MemoryPolicy(
+            False, f"the environment chooses glibc's thresholds ({', '.join(chosen)})"
+        )
     if not thp_allocations():
         return MemoryPolicy(
             False,
@@ -113,7 +134,7 @@ def release_freed_memory(
     if not enabled:
         yield MemoryPolicy(False, "disabled (train.release_memory=false)")
         return
-    libc = _libc() if libc is None else libc
+    libc = glibc() if libc is None else libc
     policy = decide(libc, sysfs)
     if policy.applied and not _set(libc, MMAP_THRESHOLD):
         policy = MemoryPolicy(False, "mallopt refused the thresholds")
