@@ -615,10 +615,9 @@ class VideoResNet(nn.Module):
     def lean_training(self) -> bool:
         """Training forward that keeps less for the backward (:mod:`nlnet.ops.recompute`).
 
-        On by default: BN+ReLU outputs are recomputed from the BN input, max-pools keep no
-        argmax and, under autocast, convolutions keep no half-precision weight copy.  Same
-        values and gradients; ``False`` gives the plain autograd graph (needed for a double
-        backward).
+        On by default: BN+ReLU outputs of 1 MiB or more are recomputed from the BN input and
+        max-pools keep no argmax.  Same values and gradients; ``False`` gives the plain
+        autograd graph (needed for a double backward).
         """
         return self.__dict__.get("_lean_training", True)
 
