@@ -226,3 +226,33 @@ def test_choose_threads_measures() -> None:
             choose_threads(step, [0, 2], clock=clock)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("amp", "layout"), [("bf16", "channels_last"), ("none", "contiguous")])
+def test_the_timed_step_runs_as_nlnet_train_runs_it(tmp_path: Path, amp: str, layout: str) -> None:
+    """The thread choice times the step the trainings will run: the same autocast and weight
+    layout (``train.amp``, ``train.memory_format``), and a real backward."""
+    from nlnet.demo import QUICK_OVERRIDES, default_config_dir, load_recipes, training_step_fn
+
+    overrides = [*QUICK_OVERRIDES, f"train.amp={amp}", f"train.memory_format={layout}"]
+    cfg = load_recipes(["nonlocal"], default_config_dir(), tmp_path, overrides)["nonlocal"]
+    convs: dict[torch.nn.Module, torch.dtype] = {}
+
+    def record(m: torch.nn.Module, _: object, out: torch.Tensor) -> None:
+        if isinstance(m, torch.nn.Conv3d):
+            convs[m] = out.dtype
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        training_step_fn(cfg)()
+    finally:
+        handle.remove()
+    dtypes = list(convs.values())
+    if amp == "bf16":  # (convolutions whose kernel exceeds their input run in float32: conv.py)
+        assert dtypes.count(torch.bfloat16) > len(dtypes) // 2
+    else:
+        assert dtypes and set(dtypes) == {torch.float32}
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    for conv in convs:
+        assert conv.weight.is_contiguous(memory_format=fmt)
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

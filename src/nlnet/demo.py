@@ -122,11 +122,10 @@ def load_recipes(
     }
 
 
-# -- 1. thread choice: nlnet.engine.threads ------------------------------------------------
-
-
 def training_step_fn(cfg: Any) -> Callable[[], None]:
-    """One training step (forward, backward) of ``cfg``'s model on one real batch."""
+    """One training step (forward, backward) of ``cfg``'s model on one real batch, with the
+    precision and layout ``nlnet train`` uses for it (``train.amp``, ``train.memory_format``)."""
+    from nlnet.engine.runtime import autocast_factory, channels_last, to_channels_last
     from nlnet.engine.task import build_task
 
     task = build_task(cfg.task, cfg)
@@ -135,10 +134,14 @@ def training_step_fn(cfg: Any) -> Callable[[], None]:
     collate = task.collate_fn() or torch.utils.data.default_collate
     batch = collate([data[(i, i)] for i in range(cfg.solver.batch_size)])
     device = torch.device("cpu")
+    autocast = autocast_factory(cfg, device, training=True)
+    if channels_last(cfg, device):
+        to_channels_last(model)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss, _ = task.training_step(model, batch, device)
+        with autocast():
+            loss, _ = task.training_step(model, batch, device)
         loss.backward()
 
     return step
