@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -175,6 +176,33 @@ def test_blocked_paths_with_several_query_blocks(monkeypatch):
 
 
 # -- the blocked softmax kernels (CPU): tiles on one-thread workers ------------------------------
+def test_row_blocks_give_every_worker_tasks(monkeypatch):
+    """Rows split into near-equal blocks: at most MAX_QUERY_BLOCK rows, MIN_TASKS_PER_WORKER
+    tasks per worker where blocks of MIN_QUERY_BLOCK rows allow, a multiple of the workers."""
+    assert fast_mod.row_blocks(12544, workers=2) == 14  # 896 rows: 13 blocks of ≤1024, made even
+    assert fast_mod.tile_shape(12544, 12544, batch=1, workers=2) == (896, 1152)
+    assert fast_mod.row_blocks(1568, workers=2) == 8  # 196 rows: 4 tasks per worker
+    assert fast_mod.row_blocks(200, workers=2) == 2  # one block of ≥128 rows, made even
+    assert fast_mod.row_blocks(6272, batch=2, workers=2) == 7  # 14 tasks over the batch
+    assert fast_mod.row_blocks(6272, batch=3, workers=2) == 8  # 24 tasks, even
+    assert fast_mod.row_blocks(12544) == 13  # one worker: only the size cap
+    monkeypatch.setattr(fast_mod, "MIN_QUERY_BLOCK", 1)
+    for nq, batch, workers in [(37, 1, 3), (9, 2, 2), (5, 1, 4), (1, 1, 2), (130, 3, 2)]:
+        n = fast_mod.row_blocks(nq, batch=batch, workers=workers)
+        tiles = fast_mod._tiles(batch, nq, workers)
+        assert len(tiles) == batch * n
+        sizes = [r1 - r0 for _, r0, r1 in tiles]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+        assert max(sizes) == fast_mod.tile_shape(nq, 1, batch=batch, workers=workers)[0]
+        assert batch * n >= min(fast_mod.MIN_TASKS_PER_WORKER * workers, batch * nq)
+        if batch * n < batch * nq:
+            assert (batch * n) % workers == 0
+        for b in range(batch):  # the blocks cover the rows once, in order
+            spans = [(r0, r1) for i, r0, r1 in tiles if i == b]
+            assert spans[0][0] == 0 and spans[-1][1] == nq
+            assert all(a[1] == c[0] for a, c in itertools.pairwise(spans))
+
+
 def _explicit_and_auto_grads(form, tensors, mask, dy):
     out = {}
     for backend in ("explicit", "auto"):
@@ -190,7 +218,7 @@ def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monke
     """Values and gradients equal the explicit matrix's: odd sizes (Nq not a multiple of the
     tile), batch 3, d ≠ dv, several workers sharing the tiles and summing their dK, dV."""
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", workers)
-    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 8)  # 37 rows = 4·8 + 5
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 8)  # 37 rows = 3·7 + 2·8
     monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 8 * 7)
     assert fast_mod.tile_shape(37, 23) == (8, 6)  # 23 keys = 6 + 6 + 6 + 5
     gen = torch.Generator().manual_seed(4)

@@ -62,14 +62,21 @@ def is_tracing() -> bool:
 # keeps taking tiles (with one parallel region per small op, every op waits for the slowest
 # thread, which is what made the blocked kernels slow under load).
 
-# Elements of one (nb, kb) tile of the affinity (nb query rows, kb keys): 256 Ki float32 =
-# 1 MiB, so a worker's tiles and the key block they use stay in its core's L2 cache, where the
-# products run ~20% faster than on whole rows streamed from L3 (measured with one thread at
-# Nk = 12544: 150 vs 125 GFLOP/s).
-TILE_ELEMENTS = 1 << 18
-# Rows per tile at most: the backward's dK += dSᵀQ, dV += PᵀdY products have nb as inner size,
-# and 256 already reaches the peak.
-MAX_QUERY_BLOCK = 256
+# Elements of one (nb, kb) tile of the affinity (nb query rows, kb keys): 1 Mi float32 = 4 MiB.
+# Whole rows streamed from L3 are slow (one thread at Nk = 12544: 125 vs 150 GFLOP/s for 1 MiB
+# tiles), but on the Intel Xeon (AMX, 2 MiB L2) 4 MiB tiles of up to 1024 rows measured 4–7%
+# faster fwd+bwd than 1 MiB tiles of 256 rows, idle and beside a busy process (1×12544², d=256:
+# 2.05 vs 2.18 s; 1×12544×3136: 0.53 vs 0.55 s; 1×6272², d=512: 1.02 vs 1.07 s): each key
+# block's operands are re-read for 4× as many rows, and the products' packing is amortised.
+TILE_ELEMENTS = 1 << 20
+# Rows per tile at most (the rows are split into near-equal blocks, their count a multiple of
+# the workers so that none waits at the end).
+MAX_QUERY_BLOCK = 1024
+# Tasks (blocks of rows) per worker at least, rows allowing (blocks of MIN_QUERY_BLOCK rows or
+# more): when another process slows one worker, the others take over its share of the tasks
+# (1×1568², d=512, with a busy process: two 784-row tasks took 1.18× the time of 256-row ones).
+MIN_TASKS_PER_WORKER = 4
+MIN_QUERY_BLOCK = 128
 # B·Nq·Nk·d below which the kernels run on the calling thread only (thread hand-off ≈ 0.1 ms).
 MIN_PARALLEL_WORK = 1 << 24
 # Worker count override (tests); None: torch.get_num_threads() for large enough problems.
@@ -86,11 +93,30 @@ SDPA_TRAINING_MAX_AFFINITY = 1 << 24
 EXPLICIT_TRAINING_MAX_AFFINITY = 1 << 22
 
 
-def tile_shape(nq: int, nk: int, tile_elements: int | None = None) -> tuple[int, int]:
-    """(rows nb, keys kb) of the tiles: about ``tile_elements`` (default ``TILE_ELEMENTS``)
-    elements each, the keys split into near-equal blocks."""
+def row_blocks(nq: int, *, batch: int = 1, workers: int = 1) -> int:
+    """How many near-equal blocks the ``nq`` query rows are split into (each a task).
+
+    Blocks of at most ``MAX_QUERY_BLOCK`` rows; with several ``workers``, at least
+    ``MIN_TASKS_PER_WORKER`` tasks per worker over the ``batch`` elements (blocks of
+    ``MIN_QUERY_BLOCK`` rows or more) and a multiple of ``workers`` tasks, where the rows allow.
+    """
+    n = -(-nq // max(1, min(nq, MAX_QUERY_BLOCK)))
+    if workers > 1:
+        enough = -(-MIN_TASKS_PER_WORKER * workers // batch)
+        n = max(n, min(enough, nq // MIN_QUERY_BLOCK))
+        while (batch * n) % workers and n < nq:
+            n += 1
+    return n
+
+
+def tile_shape(
+    nq: int, nk: int, tile_elements: int | None = None, *, batch: int = 1, workers: int = 1
+) -> tuple[int, int]:
+    """(rows nb, keys kb) of the largest tile: about ``tile_elements`` (default
+    ``TILE_ELEMENTS``) elements; the rows split as :func:`row_blocks` says, the keys into
+    near-equal blocks of kb (the last one shorter)."""
     budget = TILE_ELEMENTS if tile_elements is None else tile_elements
-    nb = max(1, min(nq, MAX_QUERY_BLOCK))
+    nb = -(-nq // row_blocks(nq, batch=batch, workers=workers))
     kb = max(1, budget // nb)
     n_blocks = -(-nk // kb)
     kb = -(-nk // n_blocks)
@@ -195,8 +221,11 @@ def _mask_bias(key_padding_mask: Tensor | None, like: Tensor) -> Tensor | None:
     return bias.masked_fill(key_padding_mask, float("-inf"))
 
 
-def _tiles(batch: int, nq: int, nb: int) -> list[tuple[int, int, int]]:
-    return [(b, r0, min(r0 + nb, nq)) for b in range(batch) for r0 in range(0, nq, nb)]
+def _tiles(batch: int, nq: int, workers: int) -> list[tuple[int, int, int]]:
+    """The tasks (batch element, first row, end row): :func:`row_blocks` near-equal blocks of
+    rows (sizes differing by one at most) in each batch element."""
+    n = row_blocks(nq, batch=batch, workers=workers)
+    return [(b, j * nq // n, (j + 1) * nq // n) for b in range(batch) for j in range(n)]
 
 
 def _augment(x: Tensor, last: Tensor | float) -> Tensor:
@@ -222,8 +251,9 @@ def _blocked_softmax_forward(
     lse = q.new_empty(b, nq)
     q_s = q * scale
     v_aug = _augment(v, 1.0)
-    nb, kb = tile_shape(nq, nk)
-    tiles = _tiles(b, nq, nb)
+    workers = _workers(b * nq * nk * d, b * nq)
+    nb, kb = tile_shape(nq, nk, batch=b, workers=workers)
+    tiles = _tiles(b, nq, workers)
 
     def worker(next_tile: Callable[[], int]) -> None:
         buf, acc = q.new_empty(nb * kb), q.new_empty(nb, dv + 1)
@@ -287,8 +317,10 @@ def _blocked_softmax_backward(
     q_s = q_aug[..., :d]
     k_s = k * scale
     dq = torch.empty_like(q)
-    nb, kb = tile_shape(nq, nk)
-    tiles = _tiles(b, nq, nb)  # a task: all key blocks of one block of rows (it owns dQ's rows)
+    workers = _workers(b * nq * nk * d, b * nq)
+    nb, kb = tile_shape(nq, nk, batch=b, workers=workers)
+    # a task: all key blocks of one block of rows (it owns dQ's rows)
+    tiles = _tiles(b, nq, workers)
 
     def worker(next_tile: Callable[[], int]) -> tuple[Tensor, Tensor]:
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
