@@ -6,7 +6,9 @@ Every round runs, back to back in ONE process, the same step with each method:
 * ``auto``: ``backend="auto"``: the blocked kernels, or the fused SDPA kernel at the sizes where
   it measured faster (``nlnet.ops.fast.SDPA_TRAINING_MAX_AFFINITY``);
 * ``blocked``: the blocked kernels of :mod:`nlnet.ops.fast` whatever the size (tiles handed out
-  to one-thread workers, the backward recomputing P tile by tile);
+  to one-thread workers; the forward keeps the weights within ``SCORE_CACHE_BYTES`` and the
+  backward recomputes the rest tile by tile);
+* ``recompute``: the same with nothing kept (``SCORE_CACHE_BYTES = 0``, the leanest memory);
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch's fused CPU kernel);
 * ``previous``: the kernel this replaced (fused flash forward + a blocked backward whose small
   ops each run on all threads), copied below for comparison.
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from nlnet import nonlocal_attention
 from nlnet.benchmark import Size
 from nlnet.benchmark import run_case as fresh_process_case
+from nlnet.ops import fast
 from nlnet.ops.fast import _SoftmaxAttentionCPU
 
 CASES = {  # name: (B, Nq, Nk, d)
@@ -50,7 +53,7 @@ CASES = {  # name: (B, Nq, Nk, d)
     "res3, 32 frames, 1x2x2 sub-sampling": (2, 6272, 1568, 256),
 }
 QUICK = {"quick": (1, 2048, 2048, 64)}
-METHODS = ("explicit", "auto", "blocked", "sdpa", "previous")
+METHODS = ("explicit", "auto", "blocked", "recompute", "sdpa", "previous")
 
 COMPETITOR = (  # stops by itself when the benchmark is gone
     "import os, torch\n"
@@ -106,7 +109,13 @@ def _step(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, form: 
     if method == "sdpa":
         return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)[:, 0]
     if method == "blocked":
-        return _SoftmaxAttentionCPU.apply(q, k, v, scale, None)
+        return _SoftmaxAttentionCPU.apply(q, k, v, scale, None, True)
+    if method == "recompute":
+        budget, fast.SCORE_CACHE_BYTES = fast.SCORE_CACHE_BYTES, 0
+        try:
+            return _SoftmaxAttentionCPU.apply(q, k, v, scale, None, True)
+        finally:
+            fast.SCORE_CACHE_BYTES = budget
     return _Previous.apply(q, k, v, scale)
 
 

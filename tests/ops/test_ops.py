@@ -211,13 +211,17 @@ def _explicit_and_auto_grads(form, tensors, mask, dy):
     return out
 
 
+@pytest.mark.parametrize("kept", ["none", "some", "all"])
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("use_mask", [False, True])
 @pytest.mark.parametrize("form", ["gaussian", "embedded_gaussian"])
-def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monkeypatch):
+def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, kept, monkeypatch):
     """Values and gradients equal the explicit matrix's: odd sizes (Nq not a multiple of the
-    tile), batch 3, d ≠ dv, several workers sharing the tiles and summing their dK, dV."""
+    tile), batch 3, d ≠ dv, several workers sharing the tiles and summing their dK, dV; the
+    backward recomputing all the weights, some (the rest kept by the forward), or none."""
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", workers)
+    budget = {"none": 0, "some": 8 * 23 * 8 * 4, "all": 1 << 30}[kept]  # 4 of 15 tasks
+    monkeypatch.setattr(fast_mod, "SCORE_CACHE_BYTES", budget)
     monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 8)  # 37 rows = 3·7 + 2·8
     monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 8 * 7)
     assert fast_mod.tile_shape(37, 23) == (8, 6)  # 23 keys = 6 + 6 + 6 + 5
@@ -234,7 +238,16 @@ def test_blocked_softmax_matches_explicit_float64(form, use_mask, workers, monke
         mask[:, 0] = False  # at least one key per row
         mask[0, :12], mask[0, 20] = True, False  # whole leading key blocks of padding
     dy = torch.randn(b, nq, dv, generator=gen, dtype=F64)
+    seen = []
+    orig = fast_mod._blocked_softmax_backward
+    monkeypatch.setattr(
+        fast_mod,
+        "_blocked_softmax_backward",
+        lambda *a: seen.append(a[-1].n_tasks if a[-1] is not None else 0) or orig(*a),
+    )
     res = _explicit_and_auto_grads(form, tensors, mask, dy)
+    assert seen == [{"none": 0, "some": 4, "all": len(fast_mod._tiles(b, nq, workers))}[kept]]
+    assert fast_mod.score_cache_bytes() == 0  # freed after the backward
     for a, e in zip(res["auto"], res["explicit"]):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
     if mask is not None:  # padded keys get no gradient
@@ -270,8 +283,12 @@ def test_blocked_softmax_very_negative_logits_after_padding(monkeypatch):
         assert (a.double() - r).abs().max().item() <= 2e-3 * r.abs().max().item()
 
 
-def test_blocked_softmax_gradcheck_on_workers(monkeypatch):
-    """float64 gradcheck with the tiles spread over two workers (several tiles each)."""
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_blocked_softmax_gradcheck_on_workers(budget, monkeypatch):
+    """float64 gradcheck with the tiles spread over two workers (several tiles each), the
+    weights recomputed or kept (gradcheck also runs the backward twice on one graph and wants
+    the same bits: the kept weights stay while the graph is retained)."""
+    monkeypatch.setattr(fast_mod, "SCORE_CACHE_BYTES", budget)
     monkeypatch.setattr(fast_mod, "SDPA_TRAINING_MAX_AFFINITY", 0)  # the blocked kernels
     monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
     monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 4)
@@ -283,7 +300,79 @@ def test_blocked_softmax_gradcheck_on_workers(monkeypatch):
             a, b, c, pairwise="embedded_gaussian", key_padding_mask=mask
         ),
         (theta, phi, g),
+        nondet_tol=1e-12,  # the workers' dK, dV partials are summed as the tiles fell to them
     )
+
+
+def _blocked_inputs(b=2, nq=40, nk=30, d=8, seed=11):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(b, n, d, generator=gen, dtype=F64, requires_grad=True) for n in (nq, nk, nk)
+    ]
+
+
+def test_kept_weights_budget_is_shared_and_freed(monkeypatch):
+    """The kept weights of all pending backwards stay within SCORE_CACHE_BYTES; the rest is
+    recomputed (same gradients); a backward frees its call's weights, so does dropping the graph."""
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 10)  # 8 tasks of 10 rows × 30 keys
+    one_call = 2 * 40 * 30 * 8
+    monkeypatch.setattr(fast_mod, "SCORE_CACHE_BYTES", one_call * 3 // 2)
+    t = _blocked_inputs()
+    ref = nonlocal_attention(*t, pairwise="embedded_gaussian", backend="explicit")
+    ref_grads = torch.autograd.grad(ref.sum(), t)
+    ys = [nonlocal_attention(*t, pairwise="embedded_gaussian") for _ in range(3)]
+    assert fast_mod.score_cache_bytes() == one_call * 3 // 2  # all of one call, half the next
+    for y in ys:
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for a, e in zip(torch.autograd.grad(ys[1].sum(), t), ref_grads):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    assert fast_mod.score_cache_bytes() == one_call  # the half-kept call's weights are freed
+    del ys[0]
+    assert fast_mod.score_cache_bytes() == 0  # the graph went without a backward
+    y = nonlocal_attention(*t, pairwise="embedded_gaussian")
+    assert fast_mod.score_cache_bytes() == one_call  # the budget is free again
+    del y, ys
+    assert fast_mod.score_cache_bytes() == 0
+
+
+def test_kept_weights_retained_graph_and_checkpointing(monkeypatch):
+    """retain_graph: the second backward uses the same kept weights and frees them (the same
+    bits under deterministic algorithms, where the workers' tiles are fixed); non-reentrant
+    checkpointing drops them at once and recomputes; no-grad keeps none."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 10)
+    t = _blocked_inputs()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y = nonlocal_attention(*t, pairwise="gaussian")
+        assert fast_mod.score_cache_bytes() == 2 * 40 * 30 * 8
+        first = torch.autograd.grad(y.sum(), t, retain_graph=True)
+        assert fast_mod.score_cache_bytes() == 2 * 40 * 30 * 8
+        second = torch.autograd.grad(y.sum(), t)
+        assert fast_mod.score_cache_bytes() == 0
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        again = torch.autograd.grad(nonlocal_attention(*t, pairwise="gaussian").sum(), t)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))  # a new graph: same bits
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+    def block(a, b, c):
+        return nonlocal_attention(a, b, c, pairwise="gaussian")
+
+    y = checkpoint(block, *t, use_reentrant=False)
+    assert fast_mod.score_cache_bytes() == 0
+    for a, e in zip(torch.autograd.grad(y.sum(), t), first):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    assert fast_mod.score_cache_bytes() == 0
+    g = torch.randn(2, 30, 5, dtype=F64)  # d ≠ dv: the blocked kernels also without grad
+    with torch.no_grad():
+        nonlocal_attention(t[0], t[1], g, pairwise="gaussian")
+        kept = fast_mod.score_cache_bytes()
+    assert kept == 0
 
 
 @pytest.mark.parametrize("form", ["gaussian", "embedded_gaussian"])
@@ -333,14 +422,19 @@ def test_blocked_softmax_autocast_bf16_on_workers(monkeypatch):
 
 
 def test_cpu_training_keeps_sdpa_where_it_wins(monkeypatch):
-    """Small affinity, no mask, d = dv, a batch element per thread: the fused kernel (same
-    values and gradients); otherwise the blocked kernels."""
+    """Small affinity, no mask, d = dv, a batch element per thread, scores beyond the blocked
+    kernels' budget: the fused kernel (same values and gradients); otherwise the blocked
+    kernels."""
     calls = []
     orig = fast_mod._SoftmaxAttentionCPU.apply
     monkeypatch.setattr(
         fast_mod._SoftmaxAttentionCPU, "apply", lambda *a: calls.append(1) or orig(*a)
     )
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    theta, phi, g, _ = make_inputs("embedded_gaussian", b=2, d=4, dv=4, grad=True)
+    nonlocal_attention(theta, phi, g, pairwise="embedded_gaussian").sum().backward()
+    assert calls  # 2 × 7 × 6 float64 scores fit SCORE_CACHE_BYTES: the blocked kernels
+    monkeypatch.setattr(fast_mod, "SCORE_CACHE_BYTES", 2 * 7 * 6 * 8 - 1)
     for b, expect_blocked in ((2, False), (1, True)):
         calls.clear()
         theta, phi, g, _ = make_inputs("embedded_gaussian", b=b, d=4, dv=4, grad=True)
@@ -484,11 +578,13 @@ def test_autocast_with_float32_inputs_and_grad():
 
 
 def test_no_affinity_matrix_is_allocated_by_auto(monkeypatch):
-    """No single allocation of auto (forward + backward) comes near one Nq × Nk matrix."""
+    """No op of auto (forward + backward) allocates near one Nq × Nk matrix, the softmax forms'
+    kept weights included (a budget of 1/8 of the matrix here)."""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setattr(fast_mod, "TILE_ELEMENTS", 1 << 18)  # 1/16 of the matrix below
     monkeypatch.setattr(fast_mod, "MIN_PARALLEL_WORK", 0)  # workers too (all threads profiled)
+    monkeypatch.setattr(fast_mod, "SCORE_CACHE_BYTES", 2048 * 2048 * 4 // 8)
 
     gen = torch.Generator().manual_seed(0)
     nq = nk = 2048

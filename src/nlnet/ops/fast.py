@@ -2,11 +2,12 @@
 
 * Softmax forms (Eq. 2–3): PyTorch's fused ``scaled_dot_product_attention`` (flash /
   memory-efficient kernels on CPU and CUDA), which never materialises the affinity; on CPU, when
-  gradients are needed, a FlashAttention-2-style autograd Function: the forward keeps only the
-  row log-sum-exp, the backward recomputes the affinity in tiles of query rows with plain
-  matmuls (the fused kernel's CPU backward is slow), and the tiles are shared dynamically by
-  one-thread worker threads, so that other jobs on the machine slow it no more than they slow
-  the explicit matrix.
+  gradients are needed, a FlashAttention-2-style autograd Function: the forward keeps the row
+  log-sum-exp and, within a memory budget (``SCORE_CACHE_BYTES``, 1 GiB by default), the
+  unnormalised weights of its tiles; the backward recomputes the rest of the affinity in tiles
+  of query rows with plain matmuls (the fused kernel's CPU backward is slow), and the tiles are
+  shared dynamically by one-thread worker threads, so that other jobs on the machine slow it no
+  more than they slow the explicit matrix.
 * Dot product (Eq. 4): matrix products are associative, so (θφᵀ/N)·g = θ·(φᵀg)/N.  That is
   O(N·d·dv) instead of O(Nq·Nk·d) and needs only a d × dv intermediate.
 * Concatenation (Eq. 5): w_fᵀ[θᵢ, φⱼ] = aᵢ + bⱼ.  With the keys sorted by bⱼ (descending), the keys
@@ -22,6 +23,7 @@ import itertools
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -81,10 +83,19 @@ MIN_QUERY_BLOCK = 128
 MIN_PARALLEL_WORK = 1 << 24
 # Worker count override (tests); None: torch.get_num_threads() for large enough problems.
 PARALLEL_WORKERS: int | None = None
+# Bytes of affinity scores the blocked forward may keep for the backward, all live calls
+# together (environment: NLNET_SCORE_CACHE_MIB; 0 keeps none).  A kept tile spares the backward
+# one of its five products (7 → 6 per tile over fwd+bwd, the explicit matrix's count), which the
+# recomputation cannot avoid: the products already run at a core's float32 peak.  Scores beyond
+# the budget are recomputed; the explicit path would hold three such matrices.
+SCORE_CACHE_BYTES = int(float(os.environ.get("NLNET_SCORE_CACHE_MIB", "1024")) * (1 << 20))
 # CPU training keeps PyTorch's fused SDPA kernel where it measured faster than the blocked
-# kernels: no mask, d = dv, at least one batch element per thread (its backward parallelises
-# over the batch only) and Nq·Nk up to this many (2×6272×1568: ~10% less CPU time; 8×784×196:
-# ~35%; at 1×12544×3136 its backward took 10× the blocked kernels' time).
+# kernels recomputing the scores: no mask, d = dv, at least one batch element per thread (its
+# backward parallelises over the batch only) and Nq·Nk up to this many (2×6272×1568: ~10% less
+# CPU time; 8×784×196: ~35%; at 1×12544×3136 its backward took 10× the blocked kernels' time),
+# and only where the scores do not fit SCORE_CACHE_BYTES: the blocked kernels keeping them
+# measured as fast or faster (AMD EPYC, fwd+bwd: 2×6272×1568 0.34 vs 0.36 s, 4×6272×1568 0.62
+# vs 0.70 s, 8×3136×784 with d = 512 0.72 s both).
 SDPA_TRAINING_MAX_AFFINITY = 1 << 24
 # CPU training (float32/64) with B·Nq·Nk up to this many (16 MiB of float32 weights) uses plain
 # products on the explicit matrix: at the paper's NL sizes with batch 1 they measured faster than
@@ -168,6 +179,7 @@ class _WorkerPool:
                     results.put((True, fn()))
             except BaseException as e:  # re-raised in the calling thread
                 results.put((False, e))
+            del fn, results  # the task's closure (tensors, kept scores) is not ours to keep
 
     def run(self, fns: list[Callable[[], T]]) -> list[T]:
         """Run ``fns[w]`` on worker ``w`` (all at once) and return their results in order."""
@@ -199,6 +211,8 @@ def _run_tiles(n_tiles: int, work: int, worker: Callable[[Callable[[], int]], T]
     """Call ``worker(next_tile)`` on each of the chosen workers; tiles go to whoever is free.
 
     ``next_tile()`` returns the next unclaimed tile index (≥ ``n_tiles`` when none is left).
+    Under ``torch.use_deterministic_algorithms(True)`` worker w takes tiles w, w + n, … instead
+    (the same partial sums every run, at the price of the balancing under load).
     """
     counter = itertools.count()  # next() on it is atomic under the GIL
     take = counter.__next__
@@ -210,6 +224,9 @@ def _run_tiles(n_tiles: int, work: int, worker: Callable[[Callable[[], int]], T]
         if _POOL is None or _POOL.size < n:
             _POOL = _WorkerPool(n)
         pool = _POOL
+    if torch.are_deterministic_algorithms_enabled():
+        takes = [itertools.chain(range(w, n_tiles, n), itertools.repeat(n_tiles)) for w in range(n)]
+        return pool.run([lambda it=it: worker(it.__next__) for it in takes])
     return pool.run([lambda: worker(take) for _ in range(n)])
 
 
@@ -236,31 +253,108 @@ def _augment(x: Tensor, last: Tensor | float) -> Tensor:
     return y
 
 
+_CACHE_LOCK = threading.Lock()
+_cache_live_bytes = 0
+
+
+def score_cache_bytes() -> int:
+    """Bytes of attention weights the blocked kernels keep now for pending backwards."""
+    return _cache_live_bytes
+
+
+def _release_cache_bytes(n: int) -> None:
+    global _cache_live_bytes
+    with _CACHE_LOCK:
+        _cache_live_bytes -= n
+
+
+def _reset_cache_after_fork() -> None:
+    global _CACHE_LOCK, _cache_live_bytes
+    _CACHE_LOCK, _cache_live_bytes = threading.Lock(), 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_cache_after_fork)
+
+
+class _ScoreCache:
+    """The forward's unnormalised weights P̃ = exp(S − m) of its first ``n_tasks`` tasks.
+
+    S = s·QKᵀ + bias, and m the running row maximum of the online softmax after the key block
+    (``maxima[t][:, j]`` for block j; −inf where all keys so far are padding): the backward's
+    P = exp(S − L) = P̃·exp(m − L) is then one multiplication, no exponential.  One tensor per
+    (task, key block) tile, ≤ ``TILE_ELEMENTS`` (~4 MiB): the allocator reuses such blocks from
+    one step to the next without page faults (a fresh 600 MiB buffer costs ~0.1 s of them).
+    As many tasks are kept as ``SCORE_CACHE_BYTES`` allows beside the other pending backwards'
+    weights; each tile's bytes count against it until the tile is freed (:meth:`release`).
+    """
+
+    def __init__(self, tiles: list[tuple[int, int, int]], kb: int, nk: int, like: Tensor) -> None:
+        global _cache_live_bytes
+        self.tiles, self.kb = tiles, kb
+        item = like.element_size()
+        n, total = 0, 0  # tasks kept, elements
+        with _CACHE_LOCK:
+            allowance = (SCORE_CACHE_BYTES - _cache_live_bytes) // item
+            for _, r0, r1 in tiles:
+                if total + (r1 - r0) * nk > allowance:
+                    break
+                n, total = n + 1, total + (r1 - r0) * nk
+            _cache_live_bytes += total * item
+        blocks = [(c0, min(c0 + kb, nk)) for c0 in range(0, nk, kb)]
+        self.weights: list[list[Tensor]] = []
+        for _, r0, r1 in tiles[:n]:
+            row = [like.new_empty(r1 - r0, c1 - c0) for c0, c1 in blocks]
+            for w in row:  # the bytes return to the budget when the tile is freed
+                weakref.finalize(w, _release_cache_bytes, w.numel() * item)
+            self.weights.append(row)
+        self.maxima = [like.new_empty(r1 - r0, len(blocks)) for _, r0, r1 in tiles[:n]]
+        self.n_tasks = n
+
+    def tile(self, t: int, c0: int) -> tuple[Tensor, Tensor] | None:
+        """Task ``t``'s tile of P̃ at key block ``c0`` and its (rows, 1) maxima, or None."""
+        if t >= len(self.weights):
+            return None
+        j = c0 // self.kb
+        return self.weights[t][j], self.maxima[t][:, j : j + 1]
+
+    def release(self) -> None:
+        """Free the kept weights (a backward after this recomputes them)."""
+        self.weights, self.maxima = [], []
+
+
 def _blocked_softmax_forward(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None
-) -> tuple[Tensor, Tensor]:
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    keep_scores: bool = False,
+) -> tuple[Tensor, Tensor, _ScoreCache | None]:
     """softmax(scale·QKᵀ + bias)·V and its row log-sum-exp L, one (rows, keys) tile at a time.
 
     The online softmax: a block of rows keeps its running maximum m and accumulates
     Σⱼ exp(sᵢⱼ − mᵢ)·[vⱼ, 1] over the key blocks, rescaling by exp(m_old − m_new) when m grows,
-    so exp never overflows; the row sums come out of the product as the extra channel.
+    so exp never overflows; the row sums come out of the product as the extra channel.  With
+    ``keep_scores`` the weights exp(S − m) of as many tasks as ``SCORE_CACHE_BYTES`` allows
+    are kept for the backward (returned as a :class:`_ScoreCache`).
     """
     b, nq, d = q.shape
     nk, dv = k.shape[1], v.shape[2]
     out = q.new_empty(b, nq, dv)
     lse = q.new_empty(b, nq)
-    q_s = q * scale
     v_aug = _augment(v, 1.0)
     workers = _workers(b * nq * nk * d, b * nq)
     nb, kb = tile_shape(nq, nk, batch=b, workers=workers)
     tiles = _tiles(b, nq, workers)
+    cache = _ScoreCache(tiles, kb, nk, q) if keep_scores and SCORE_CACHE_BYTES > 0 else None
 
     def worker(next_tile: Callable[[], int]) -> None:
-        buf, acc = q.new_empty(nb * kb), q.new_empty(nb, dv + 1)
+        buf, acc, q_buf = q.new_empty(nb * kb), q.new_empty(nb, dv + 1), q.new_empty(nb, d)
         while (t := next_tile()) < len(tiles):
             i, r0, r1 = tiles[t]
             rows = r1 - r0
-            q_b, o = q_s[i, r0:r1], acc[:rows]
+            q_b, o = torch.mul(q[i, r0:r1], scale, out=q_buf[:rows]), acc[:rows]
             m = None
             for c0 in range(0, nk, kb):
                 c1 = min(c0 + kb, nk)
@@ -273,7 +367,12 @@ def _blocked_softmax_forward(
                 shift = m_new
                 if bias is not None:  # rows whose keys so far are all padding: m = −inf
                     shift = m_new.masked_fill(m_new == float("-inf"), 0.0)
-                p = s.sub_(shift).exp_()
+                kept = cache.tile(t, c0) if cache is not None else None
+                if kept is None:
+                    p = s.sub_(shift).exp_()
+                else:  # P̃ and m for the backward
+                    p = torch.sub(s, shift, out=kept[0]).exp_()
+                    kept[1].copy_(m_new)
                 if m is None:
                     torch.mm(p, v_aug[i, c0:c1], out=o)
                 else:  # exp(m_old − m_new) ≤ 1; 0 while m_old = −inf (o is still 0 then)
@@ -285,7 +384,7 @@ def _blocked_softmax_forward(
             lse[i, r0:r1] = m.add_(denom.log())[:, 0]
 
     _run_tiles(len(tiles), b * nq * nk * d, worker)
-    return out, lse
+    return out, lse, cache
 
 
 def _blocked_softmax_backward(
@@ -297,6 +396,7 @@ def _blocked_softmax_backward(
     bias: Tensor | None,
     grad_out: Tensor,
     scale: float,
+    cache: _ScoreCache | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of softmax(scale·QKᵀ + bias)·V, recomputing P one (rows, keys) tile at a time.
 
@@ -305,43 +405,50 @@ def _blocked_softmax_backward(
     D ride inside the products as an extra channel ([sQ, −L]·[K, 1]ᵀ, [dY, −D]·[V, 1]ᵀ), so a
     tile costs five products and two elementwise passes (exp, ∘).  A worker takes a block of
     rows at a time (so it alone writes those rows of dQ) and goes over the key blocks; each
-    worker accumulates its own dK, dV, summed at the end.
+    worker accumulates its own dK, dV, summed at the end.  Tiles whose scores the forward kept
+    (``cache``, same tasks and key blocks) take P = exp(S − L) from them: four products.
     """
     b, nq, d = q.shape
-    nk = k.shape[1]
-    delta = torch.linalg.vecdot(grad_out, out)  # D_i = Σ_c dY_ic Y_ic
-    q_aug = _augment(q * scale, -lse)  # [sQ, −L]
+    nk, d_v = k.shape[1], v.shape[2]
     k_aug = _augment(k, 1.0)
-    dy_aug = _augment(grad_out, -delta)  # [dY, −D]
     v_aug = _augment(v, 1.0)
-    q_s = q_aug[..., :d]
     k_s = k * scale
     dq = torch.empty_like(q)
-    workers = _workers(b * nq * nk * d, b * nq)
-    nb, kb = tile_shape(nq, nk, batch=b, workers=workers)
     # a task: all key blocks of one block of rows (it owns dQ's rows)
-    tiles = _tiles(b, nq, workers)
+    if cache is not None:  # the forward's tasks and key blocks, which the kept scores follow
+        tiles, kb = cache.tiles, cache.kb
+    else:
+        workers = _workers(b * nq * nk * d, b * nq)
+        _, kb = tile_shape(nq, nk, batch=b, workers=workers)
+        tiles = _tiles(b, nq, workers)
+    nb = max(r1 - r0 for _, r0, r1 in tiles)
 
     def worker(next_tile: Callable[[], int]) -> tuple[Tensor, Tensor]:
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         buf_p, buf_ds = q.new_empty(nb * kb), q.new_empty(nb * kb)
+        qa_buf, dya_buf = q.new_empty(nb, d + 1), q.new_empty(nb, d_v + 1)
         while (t := next_tile()) < len(tiles):
             i, r0, r1 = tiles[t]
             rows = r1 - r0
-            qa_b, dya_b, qs_b, dy_b = (
-                q_aug[i, r0:r1],
-                dy_aug[i, r0:r1],
-                q_s[i, r0:r1],
-                grad_out[i, r0:r1],
-            )
-            dq_b = dq[i, r0:r1]
+            dy_b, dq_b = grad_out[i, r0:r1], dq[i, r0:r1]
+            qa_b, dya_b = qa_buf[:rows], dya_buf[:rows]  # [sQ, −L], [dY, −D]
+            qs_b = torch.mul(q[i, r0:r1], scale, out=qa_b[:, :d])
+            torch.neg(lse[i, r0:r1], out=qa_b[:, d])
+            dya_b[:, :d_v] = dy_b
+            torch.neg(torch.linalg.vecdot(dy_b, out[i, r0:r1]), out=dya_b[:, d_v])  # D = Σ dY∘Y
+            lse_b = lse[i, r0:r1, None]
             for c0 in range(0, nk, kb):
                 c1 = min(c0 + kb, nk)
                 shape = (rows, c1 - c0)
-                p = torch.mm(qa_b, k_aug[i, c0:c1].T, out=buf_p[: shape[0] * shape[1]].view(shape))
-                if bias is not None:
-                    p.add_(bias[i, c0:c1])
-                p.exp_()
+                p = buf_p[: shape[0] * shape[1]].view(shape)
+                kept = cache.tile(t, c0) if cache is not None else None
+                if kept is not None:  # P = P̃·exp(m − L); 0 where m = −inf (padding only)
+                    torch.mul(kept[0], torch.sub(kept[1], lse_b).exp_(), out=p)
+                else:
+                    torch.mm(qa_b, k_aug[i, c0:c1].T, out=p)
+                    if bias is not None:
+                        p.add_(bias[i, c0:c1])
+                    p.exp_()
                 ds = torch.mm(dya_b, v_aug[i, c0:c1].T, out=buf_ds[: p.numel()].view(shape))
                 ds.mul_(p)
                 if c0 == 0:
@@ -363,9 +470,10 @@ def _blocked_softmax_backward(
 class _SoftmaxAttentionCPU(torch.autograd.Function):
     """softmax(scale·θφᵀ)·g (Eq. 2–3) with a memory-frugal, matmul-speed backward for CPUs.
 
-    Forward: :func:`_blocked_softmax_forward`; only (θ, φ, g, y, L) are saved.  Backward:
-    :func:`_blocked_softmax_backward`, which recomputes the affinity one tile at a time.  Exact
-    (float64 gradcheck in the tests); never holds more than a few (nb, Nk) tiles.
+    Forward: :func:`_blocked_softmax_forward`; (θ, φ, g, y, L) are saved, and the affinity
+    scores as far as ``SCORE_CACHE_BYTES`` allows.  Backward: :func:`_blocked_softmax_backward`,
+    which recomputes the scores it was not given, one tile at a time.  Exact (float64 gradcheck
+    in the tests); beyond the kept scores it never holds more than a few (nb, Nk) tiles.
     """
 
     @staticmethod
@@ -376,12 +484,18 @@ class _SoftmaxAttentionCPU(torch.autograd.Function):
         v: Tensor,
         scale: float,
         bias: Tensor | None,
+        keep: bool,
     ) -> Tensor:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with _autocast_off(q):
-            out, lse = _blocked_softmax_forward(q, k, v, scale, bias)
+            out, lse, cache = _blocked_softmax_forward(q, k, v, scale, bias, keep_scores=keep)
         ctx.save_for_backward(q, k, v, out, lse, bias)
-        ctx.scale = scale
+        ctx.scale, ctx.score_cache = scale, cache
+        if cache is not None:
+            # The weights live as long as the saved tensors: autograd frees those after the
+            # backward (unless retain_graph), not when the graph goes (perhaps after the next
+            # step's forward); under saved-tensor hooks that drop them (checkpointing) at once.
+            weakref.finalize(lse, cache.release)
         return out
 
     @staticmethod
@@ -390,11 +504,14 @@ class _SoftmaxAttentionCPU(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
     ) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, bias = ctx.saved_tensors
+        cache = ctx.score_cache
+        if cache is not None and not cache.weights:
+            cache = None  # released: recompute
         with _autocast_off(q):
             dq, dk, dv = _blocked_softmax_backward(
-                q, k, v, out, lse, bias, grad_out.contiguous(), ctx.scale
+                q, k, v, out, lse, bias, grad_out.contiguous(), ctx.scale, cache
             )
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def _pad_last(t: Tensor, size: int) -> Tensor:
@@ -409,15 +526,17 @@ def softmax_attention(
     scale: float,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """softmax(scale·θφᵀ)·g (Eq. 2–3), padded keys excluded; builds no Nq × Nk matrix but a small one.
+    """softmax(scale·θφᵀ)·g (Eq. 2–3), padded keys excluded; never three Nq × Nk matrices.
 
     * CPU, eager, gradients needed (float32/64), B·Nq·Nk ≤ ``EXPLICIT_TRAINING_MAX_AFFINITY``:
       plain products on the (small) weight matrix, the fastest there.
     * CPU, eager, gradients needed (float32/64), or d ≠ dv: :class:`_SoftmaxAttentionCPU`,
       the blocked kernels on worker threads (the fused CPU kernel needs d = dv and its backward
       is slow at large Nq·Nk or small batches); half-precision inputs are computed in float32
-      there.  Training at sizes where the fused kernel measured faster (see
-      ``SDPA_TRAINING_MAX_AFFINITY``) keeps it.
+      there.  When training, the forward keeps the weights for the backward up to
+      ``SCORE_CACHE_BYTES`` (all pending backwards together; one Nq × Nk matrix at most) and
+      the backward recomputes the rest.  Training at sizes where the fused kernel measured
+      faster (see ``SDPA_TRAINING_MAX_AFFINITY``) keeps it.
     * Otherwise (CUDA, inference, torch.compile/export): ``scaled_dot_product_attention``, the
       fused flash / memory-efficient kernels.  When d ≠ dv the narrower side is zero-padded,
       which changes neither θᵢᵀφⱼ nor y.
@@ -435,6 +554,7 @@ def softmax_attention(
             and key_padding_mask is None
             and q.shape[0] >= torch.get_num_threads()
             and q.shape[1] * k.shape[1] <= SDPA_TRAINING_MAX_AFFINITY
+            and q.shape[0] * q.shape[1] * k.shape[1] * q.element_size() > SCORE_CACHE_BYTES
         )
         if (
             needs_grad
@@ -454,7 +574,7 @@ def softmax_attention(
             if not wide:  # half inputs: compute the blocked path in float32 (no overflow)
                 q, k, v = q.float(), k.float(), v.float()
             bias = _mask_bias(key_padding_mask, q)
-            y = _SoftmaxAttentionCPU.apply(q, k, v, scale, bias)
+            y = _SoftmaxAttentionCPU.apply(q, k, v, scale, bias, needs_grad)
             return y.to(out_dtype)
     attn_mask = None
     if key_padding_mask is not None:
