@@ -727,3 +727,14 @@ def test_small_training_affinity_uses_plain_products(monkeypatch, use_mask):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
         if use_mask:
             assert res["auto"][3][:, 5:].abs().max() == 0  # no gradient reaches padded values
+
+
+def test_score_cache_budget_from_the_environment():
+    """NLNET_SCORE_CACHE_MIB: MiB per process (default 1024, 0 keeps none); anything else is an
+    error naming the variable and the value."""
+    parse = fast_mod._score_cache_bytes_from_env
+    assert parse(None) == parse("") == 1024 << 20
+    assert parse("0") == 0 and parse("1.5") == 3 << 19
+    for bad in ("lots", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match=rf"NLNET_SCORE_CACHE_MIB must be .*{bad!r}"):
+            parse(bad)

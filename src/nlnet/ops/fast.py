@@ -83,12 +83,30 @@ MIN_QUERY_BLOCK = 128
 MIN_PARALLEL_WORK = 1 << 24
 # Worker count override (tests); None: torch.get_num_threads() for large enough problems.
 PARALLEL_WORKERS: int | None = None
-# Bytes of affinity scores the blocked forward may keep for the backward, all live calls
-# together (environment: NLNET_SCORE_CACHE_MIB; 0 keeps none).  A kept tile spares the backward
+# Bytes of attention weights the blocked forward may keep for the backward, all pending
+# backwards of the process together (environment: NLNET_SCORE_CACHE_MIB; 0 keeps none).  A kept tile spares the backward
 # one of its five products (7 → 6 per tile over fwd+bwd, the explicit matrix's count), which the
 # recomputation cannot avoid: the products already run at a core's float32 peak.  Scores beyond
 # the budget are recomputed; the explicit path would hold three such matrices.
-SCORE_CACHE_BYTES = int(float(os.environ.get("NLNET_SCORE_CACHE_MIB", "1024")) * (1 << 20))
+SCORE_CACHE_ENV = "NLNET_SCORE_CACHE_MIB"
+
+
+def _score_cache_bytes_from_env(value: str | None) -> int:
+    """Bytes for ``SCORE_CACHE_BYTES`` from the environment's MiB (default 1024 per process)."""
+    if value is None or not value.strip():
+        return 1024 << 20
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = float("nan")
+    if not mib >= 0 or mib == float("inf"):
+        raise ValueError(
+            f"{SCORE_CACHE_ENV} must be a number of MiB >= 0 (0 keeps none), got {value!r}"
+        )
+    return int(mib * (1 << 20))
+
+
+SCORE_CACHE_BYTES = _score_cache_bytes_from_env(os.environ.get(SCORE_CACHE_ENV))
 # CPU training keeps PyTorch's fused SDPA kernel where it measured faster than the blocked
 # kernels recomputing the scores: no mask, d = dv, at least one batch element per thread (its
 # backward parallelises over the batch only) and Nq·Nk up to this many (2×6272×1568: ~10% less
