@@ -738,3 +738,27 @@ def test_score_cache_budget_from_the_environment():
     for bad in ("lots", "-1", "nan", "inf"):
         with pytest.raises(ValueError, match=rf"NLNET_SCORE_CACHE_MIB must be .*{bad!r}"):
             parse(bad)
+
+
+def test_kept_weights_budget_survives_a_failed_allocation(monkeypatch):
+    """Out of memory while allocating the kept weights: the error reaches the caller and the
+    budget gets back every byte (nothing stays reserved for tiles that do not exist)."""
+    monkeypatch.setattr(fast_mod, "PARALLEL_WORKERS", 2)
+    monkeypatch.setattr(fast_mod, "MAX_QUERY_BLOCK", 10)
+    t = _blocked_inputs()
+    real, calls = torch.Tensor.new_empty, []
+
+    def failing(self, *size, **kw):
+        calls.append(size)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (test)")
+        return real(self, *size, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fast_mod._ScoreCache(fast_mod._tiles(2, 40, 2), 30, 30, t[0].detach())
+    monkeypatch.setattr(torch.Tensor, "new_empty", real)
+    import gc
+
+    gc.collect()
+    assert len(calls) == 3 and fast_mod.score_cache_bytes() == 0

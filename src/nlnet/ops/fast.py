@@ -321,11 +321,19 @@ class _ScoreCache:
             _cache_live_bytes += total * item
         blocks = [(c0, min(c0 + kb, nk)) for c0 in range(0, nk, kb)]
         self.weights: list[list[Tensor]] = []
-        for _, r0, r1 in tiles[:n]:
-            row = [like.new_empty(r1 - r0, c1 - c0) for c0, c1 in blocks]
-            for w in row:  # the bytes return to the budget when the tile is freed
-                weakref.finalize(w, _release_cache_bytes, w.numel() * item)
-            self.weights.append(row)
+        pending = total * item  # reserved, not yet handed to a tile's finalizer
+        try:
+            for _, r0, r1 in tiles[:n]:
+                self.weights.append([])
+                for c0, c1 in blocks:
+                    w = like.new_empty(r1 - r0, c1 - c0)
+                    # the bytes return to the budget when the tile is freed
+                    weakref.finalize(w, _release_cache_bytes, w.numel() * item)
+                    pending -= w.numel() * item
+                    self.weights[-1].append(w)
+        finally:
+            if pending:  # an allocation failed: give back what no tile holds
+                _release_cache_bytes(pending)
         self.maxima = [like.new_empty(r1 - r0, len(blocks)) for _, r0, r1 in tiles[:n]]
         self.n_tasks = n
 
