@@ -4,7 +4,8 @@ Every round runs, back to back in ONE process, the same step with each method:
 
 * ``explicit``: the (B, Nq, Nk) matrix (``backend="explicit"``, what the peers do);
 * ``auto``: ``backend="auto"``: the blocked kernels, or the fused SDPA kernel at the sizes where
-  it measured faster (``nlnet.ops.fast.SDPA_TRAINING_MAX_AFFINITY``);
+  it measured faster and the weights do not fit the blocked kernels' budget
+  (``nlnet.ops.fast.SDPA_TRAINING_MAX_AFFINITY``, ``SCORE_CACHE_BYTES``);
 * ``blocked``: the blocked kernels of :mod:`nlnet.ops.fast` whatever the size (tiles handed out
   to one-thread workers; the forward keeps the weights within ``SCORE_CACHE_BYTES`` and the
   backward recomputes the rest tile by tile);

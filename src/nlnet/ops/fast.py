@@ -84,10 +84,11 @@ MIN_PARALLEL_WORK = 1 << 24
 # Worker count override (tests); None: torch.get_num_threads() for large enough problems.
 PARALLEL_WORKERS: int | None = None
 # Bytes of attention weights the blocked forward may keep for the backward, all pending
-# backwards of the process together (environment: NLNET_SCORE_CACHE_MIB; 0 keeps none).  A kept tile spares the backward
-# one of its five products (7 → 6 per tile over fwd+bwd, the explicit matrix's count), which the
-# recomputation cannot avoid: the products already run at a core's float32 peak.  Scores beyond
-# the budget are recomputed; the explicit path would hold three such matrices.
+# backwards of the process together (environment: NLNET_SCORE_CACHE_MIB; 0 keeps none).  A kept
+# tile spares the backward one of its five products (7 → 6 per tile over fwd+bwd, the explicit
+# matrix's count), which the recomputation cannot avoid: the products already run at a core's
+# float32 peak.  Scores beyond the budget are recomputed; the explicit path would hold three
+# such matrices.
 SCORE_CACHE_ENV = "NLNET_SCORE_CACHE_MIB"
 
 
@@ -216,15 +217,6 @@ _POOL: _WorkerPool | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _reset_pool_after_fork() -> None:
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()  # the threads do not exist in a forked child
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_pool_after_fork)
-
-
 def _run_tiles(n_tiles: int, work: int, worker: Callable[[Callable[[], int]], T]) -> list[T]:
     """Call ``worker(next_tile)`` on each of the chosen workers; tiles go to whoever is free.
 
@@ -286,17 +278,19 @@ def _release_cache_bytes(n: int) -> None:
         _cache_live_bytes -= n
 
 
-def _reset_cache_after_fork() -> None:
-    global _CACHE_LOCK, _cache_live_bytes
+def _reset_after_fork() -> None:
+    """A forked child has neither the worker threads nor the parent's pending backwards."""
+    global _POOL, _POOL_LOCK, _CACHE_LOCK, _cache_live_bytes
+    _POOL, _POOL_LOCK = None, threading.Lock()
     _CACHE_LOCK, _cache_live_bytes = threading.Lock(), 0
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_cache_after_fork)
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class _ScoreCache:
-    """The forward's unnormalised weights P̃ = exp(S − m) of its first ``n_tasks`` tasks.
+    """The forward's unnormalised weights P̃ = exp(S − m) of its first ``len(weights)`` tasks.
 
     S = s·QKᵀ + bias, and m the running row maximum of the online softmax after the key block
     (``maxima[t][:, j]`` for block j; −inf where all keys so far are padding): the backward's
@@ -335,7 +329,6 @@ class _ScoreCache:
             if pending:  # an allocation failed: give back what no tile holds
                 _release_cache_bytes(pending)
         self.maxima = [like.new_empty(r1 - r0, len(blocks)) for _, r0, r1 in tiles[:n]]
-        self.n_tasks = n
 
     def tile(self, t: int, c0: int) -> tuple[Tensor, Tensor] | None:
         """Task ``t``'s tile of P̃ at key block ``c0`` and its (rows, 1) maxima, or None."""
