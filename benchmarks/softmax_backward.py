@@ -280,11 +280,13 @@ def main() -> int:
         for name, shape in cases.items():
             print(memory_row(name, shape, args.form), flush=True)
     print(f"\n# load average at end: {os.getloadavg()[0]:.2f}")
-    missed = [(case, r) for case, r in ratios if r > TARGET]
+    if args.quick:  # a smoke run: the target is for the paper's sizes
+        print(f"\n--quick: the {TARGET}x target (paper sizes) is not judged here")
+        return 0
     print(f"\nTarget (issue 11): auto fwd+bwd <= {TARGET}x explicit")
     for case, r in ratios:
         print(f"- {case}: {r:.3f} -- {'MISSED' if r > TARGET else 'met'}")
-    return 1 if missed and not args.quick else 0
+    return 1 if any(r > TARGET for _, r in ratios) else 0
 
 
 if __name__ == "__main__":
